@@ -1,0 +1,48 @@
+"""PhiMoE adapter: ``PhimoeForCausalLM`` (Phi-3.5-MoE). Block ``PhimoeSparseMoeBlock`` with ``router:
+PhimoeTopKRouter`` (an ``nn.Linear`` subclass, no bias) and fused ``experts: PhimoeExperts``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import MoEAdapter, Routing
+
+
+def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
+    """One eval-mode sparsemixer step: the best expert of ``masked`` and its weight.
+
+    The weight is a softmax restricted to the experts whose relative gap to the best one,
+    ``(best - s) / max(|s|, best)`` (measured on the unmasked ``scores``), is at most ``2 * jitter_eps``.
+    """
+    with torch.no_grad():
+        best, index = masked.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=best)
+        far = ((best - scores) / factor) > (2 * jitter_eps)
+    gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(dim=-1, index=index), index
+
+
+class PhimoeAdapter(MoEAdapter):
+    """Routing: "sparsemixer" top-2 in eval mode (``modeling_phimoe.sparsemixer(training=False)``): expert 1 is the
+    argmax of the logits, weighted by a softmax over the experts within the ``router_jitter_noise`` relative
+    margin of it; expert 2 is the argmax with expert 1 masked out, weighted the same way. The weights do not sum
+    to one. ``router_jitter_noise`` (default 0.01) acts as that margin in eval mode too; Gumbel sampling and
+    ``input_jitter_noise`` only happen in training. Always exactly two experts, whatever ``num_experts_per_tok``.
+    """
+
+    family = "phimoe"
+    model_types = ("phimoe",)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def top_k(self, block: nn.Module) -> int:
+        return 2  # sparsemixer is hard-wired to two experts
+
+    def route(self, block: nn.Module, hidden: Tensor, router_weight: Tensor | None = None) -> Routing:
+        router = block.router
+        logits = self.router_logits(block, hidden, router_weight)
+        eps = router.router_jitter_noise
+        w1, i1 = _sparsemixer_pick(logits, logits, eps)
+        w2, i2 = _sparsemixer_pick(logits, torch.scatter(logits, -1, i1, float("-inf")), eps)
+        return Routing(logits=logits, weights=torch.cat((w1, w2), dim=-1), indices=torch.cat((i1, i2), dim=-1))

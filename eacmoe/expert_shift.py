@@ -1,0 +1,131 @@
+"""Measure expert shift: how a quantized model's expert choices and predictions drift from the FP model's.
+
+Four streams of held-out text run layer by layer in lockstep:
+
+  fp/fp   FP weights, own routing            (the FP model)
+  q/q     quantized weights, own routing     (the quantized model)
+  fp/q    FP weights, routing of q/q forced  (what the quantized routing alone costs)
+  q/fp    quantized weights, routing of fp/fp forced  (the oracle: the most that fixing routing can recover)
+
+"Routing forced" replaces both the selected experts and their combine weights of every MoE layer. Per MoE
+layer and token we compare the FP stream's top-k experts with the quantized stream's: rate "all" (every
+one of the top-k changed), "any" (at least one changed) and "half" (half or more changed), as EAC-MoE
+defines them. At the end we report perplexity of all four streams and the KL divergence of each stream's
+next-token distribution from the FP model's (more sensitive than perplexity).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import MoEAdapter, Routing, get_adapter
+from .pipeline import _first, _kwargs_for, capture_layer_inputs
+
+STREAMS = ("fp/fp", "q/q", "fp/q", "q/fp")
+
+
+@dataclass
+class ShiftReport:
+    perplexity: dict[str, float]          # per stream
+    kl_from_fp: dict[str, float]          # mean per-token KL(FP || stream), nats
+    shift: list[dict]                     # per MoE layer: {"layer", "all", "any", "half"}
+    tokens: int
+
+    def mean_shift(self) -> dict[str, float]:
+        keys = ("all", "any", "half")
+        return {k: sum(s[k] for s in self.shift) / max(1, len(self.shift)) for k in keys}
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "kl_from_fp": self.kl_from_fp, "shift_per_layer": self.shift,
+                "shift_mean": self.mean_shift(), "tokens": self.tokens}
+
+
+@contextlib.contextmanager
+def routed_block(adapter: MoEAdapter, block: nn.Module, forced: Routing | None, record: list[Routing]) -> Iterator[None]:
+    """Within the context the MoE block routes with `forced` (if given) instead of its own router, and
+    appends the routing it used to `record`."""
+    def forward(hidden, *args, **kwargs):
+        routing = forced if forced is not None else adapter.route(block, hidden)
+        record.append(routing)
+        return adapter.moe_forward(block, hidden, routing)
+
+    block.forward = forward  # instance attribute shadows the class method for this block only
+    try:
+        yield
+    finally:
+        del block.forward
+
+
+def change_counts(fp_indices: torch.Tensor, q_indices: torch.Tensor) -> torch.Tensor:
+    """Per token, how many of the FP top-k experts are missing from the quantized top-k."""
+    kept = (fp_indices.unsqueeze(-1) == q_indices.unsqueeze(-2)).any(-1).sum(-1)
+    return fp_indices.shape[-1] - kept
+
+
+@torch.no_grad()
+def measure_expert_shift(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
+                         device: torch.device | str = "cpu") -> ShiftReport:
+    """Run the four streams (module docstring) over `input_ids` [n, seqlen] and compare them with fp/fp."""
+    device = torch.device(device)
+    adapter = get_adapter(fp_model)
+    fp_layers, q_layers = adapter.decoder_layers(fp_model), adapter.decoder_layers(q_model)
+    inputs, layer_kwargs = capture_layer_inputs(fp_model, adapter, input_ids, batch_size, device)
+    streams = {name: inputs.clone() for name in STREAMS}
+    shift = []
+    for index, (fp_layer, q_layer) in enumerate(zip(fp_layers, q_layers)):
+        fp_layer.to(device); q_layer.to(device)
+        fp_block, q_block = adapter.moe_block(fp_layer), adapter.moe_block(q_layer)
+        changed = []
+        new = {name: [] for name in STREAMS}
+        for start in range(0, inputs.shape[0], batch_size):
+            def run(layer, stream):
+                x = streams[stream][start:start + batch_size].to(device)
+                new[stream].append(_first(layer(x, **_kwargs_for(layer_kwargs, x.shape[0], device))).cpu())
+            if fp_block is None:
+                for stream in STREAMS:
+                    run(fp_layer if stream.startswith("fp") else q_layer, stream)
+                continue
+            fp_routing, q_routing = [], []
+            with routed_block(adapter, fp_block, None, fp_routing):
+                run(fp_layer, "fp/fp")
+            with routed_block(adapter, q_block, None, q_routing):
+                run(q_layer, "q/q")
+            with routed_block(adapter, fp_block, q_routing[0], []):
+                run(fp_layer, "fp/q")
+            with routed_block(adapter, q_block, fp_routing[0], []):
+                run(q_layer, "q/fp")
+            changed.append(change_counts(fp_routing[0].indices, q_routing[0].indices))
+        streams = {name: torch.cat(parts) for name, parts in new.items()}
+        fp_layer.to("cpu"); q_layer.to("cpu")
+        if changed:
+            c = torch.cat(changed).float()
+            k = fp_routing[0].indices.shape[-1]
+            shift.append({"layer": index, "all": (c == k).float().mean().item(), "any": (c >= 1).float().mean().item(),
+                          "half": (2 * c >= k).float().mean().item()})
+
+    nll = {name: 0.0 for name in STREAMS}
+    kl = {name: 0.0 for name in STREAMS if name != "fp/fp"}
+    count = 0
+    for name_model, names in ((fp_model, ("fp/fp", "fp/q")), (q_model, ("q/q", "q/fp"))):
+        adapter.final_norm(name_model).to(device); name_model.get_output_embeddings().to(device)
+    for start in range(0, input_ids.shape[0], batch_size):
+        targets = input_ids[start:start + batch_size, 1:].to(device).flatten()
+        logprobs = {}
+        for name in STREAMS:
+            model = fp_model if name.startswith("fp") else q_model
+            h = adapter.final_norm(model)(streams[name][start:start + batch_size].to(device))
+            logits = model.get_output_embeddings()(h)[:, :-1].float().flatten(0, 1)
+            logprobs[name] = logits.log_softmax(-1)
+            nll[name] += F.nll_loss(logprobs[name], targets, reduction="sum").item()
+        p_fp = logprobs["fp/fp"].exp()
+        for name in kl:
+            kl[name] += (p_fp * (logprobs["fp/fp"] - logprobs[name])).sum().item()
+        count += targets.numel()
+    return ShiftReport(perplexity={k: math.exp(v / count) for k, v in nll.items()},
+                       kl_from_fp={k: v / count for k, v in kl.items()}, shift=shift, tokens=count)

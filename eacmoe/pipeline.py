@@ -1,0 +1,435 @@
+"""The layer-by-layer QESC pipeline (EAC-MoE section 3): GPTQ with expert-selection calibration.
+
+Two streams of calibration hidden states run through the model one decoder layer at a time: the
+full-precision stream (what the FP model computes) and the quantized stream (what the model computes with
+every earlier layer already quantized). For each decoder layer, in the paper's order:
+
+  1. quantize attention with GPTQ (4-bit by default) on the quantized stream;
+  2. calibrate the router: TopK-MSE between the FP router on the FP stream and the new router on the
+     quantized stream (methods qesc / qesc-mse; see router_calibration.py);
+  3. quantize each expert with GPTQ on the tokens the (calibrated) router sends to it; the input of an
+     expert's down projection is computed with its already-quantized gate and up projections;
+  4. advance both streams through the layer (FP stream through an FP copy, quantized stream through the
+     quantized layer).
+
+Only the current layer is moved to the compute device. After each layer the progress (quantized layer,
+both streams) is written to `<out>/.progress` so an interrupted run resumes to an identical result.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import MoEAdapter, Routing, get_adapter
+from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
+from .quant.serialize import quantized_from_tensors, quantized_tensors
+from .router_calibration import RouterCalibrationConfig, calibrate_router
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "qesc", "qesc-mse")
+SPARSE_EXPERT_POLICIES = ("pool", "rtn")
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything that determines the quantized weights (saved with the progress for --resume checks)."""
+    expert_bits: list[int]
+    method: str = "qesc"
+    attn_bits: int | None = 4            # None keeps attention in full precision
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    damp_percent: float = 0.01
+    router_topk: int | None = None       # K of TopK-MSE; None = the adapter's default (8 of 16, 20 of 64)
+    router_steps: int = 200
+    router_lr: float = 1e-3
+    min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
+    sparse_expert_policy: str = "pool"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.sparse_expert_policy not in SPARSE_EXPERT_POLICIES:
+            raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                         damp_percent=self.damp_percent)
+
+    def fingerprint(self, calib_ids: torch.Tensor) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        h.update(calib_ids.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    expert_bits: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    router: dict | None = None                 # TopK-MSE before/after calibration
+    expert_tokens: list[int] | None = None     # calibration tokens routed to each expert
+    sparse_experts: list[int] = field(default_factory=list)  # experts that fell under min_expert_tokens
+    gptq_loss: dict[str, float] = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything a pass needs has been seen, so the rest of the layer is skipped."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def capture_layer_inputs(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, batch_size: int,
+                         device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering decoder layer 0 for all sequences, and the keyword arguments the model passes
+    to its layers (causal mask, rotary position embeddings); only the embedding runs on `device`."""
+    layers = adapter.decoder_layers(model)
+    captured: list[torch.Tensor] = []
+    layer_kwargs: dict = {}
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden.detach().cpu())
+        if not layer_kwargs:
+            layer_kwargs.update({k: v for k, v in kwargs.items()
+                                 if k not in ("hidden_states", "past_key_values", "use_cache", "cache_position")})
+        raise _StopForward
+
+    embed = adapter.embed_tokens(model)
+    rotary = adapter.rotary_emb(model)
+    embed.to(device)
+    if rotary is not None:
+        rotary.to(device)
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+        embed.to("cpu")
+        if rotary is not None:
+            rotary.to("cpu")
+    return torch.cat(captured), layer_kwargs
+
+
+def _kwargs_for(layer_kwargs: dict, batch: int, device: torch.device) -> dict:
+    """Layer kwargs moved to `device`, with batch-sized leading dims cut to the current batch."""
+    def fit(v):
+        if isinstance(v, torch.Tensor):
+            return (v[:batch] if v.dim() > 0 and v.shape[0] > batch else v).to(device)
+        if isinstance(v, tuple):
+            return tuple(fit(x) for x in v)
+        return v
+    return {k: fit(v) for k, v in layer_kwargs.items()}
+
+
+def run_layer(layer: nn.Module, stream: torch.Tensor, layer_kwargs: dict, batch_size: int,
+              device: torch.device) -> torch.Tensor:
+    """The layer's output for every sequence of the stream (computed in batches on `device`, kept on CPU)."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, stream.shape[0], batch_size):
+            batch = stream[start:start + batch_size].to(device)
+            outputs.append(_first(layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))).cpu())
+    return torch.cat(outputs)
+
+
+def capture_module_input(layer: nn.Module, module: nn.Module, stream: torch.Tensor, layer_kwargs: dict,
+                         batch_size: int, device: torch.device) -> torch.Tensor:
+    """What `module` (inside `layer`) receives for every token of the stream, as [tokens, features];
+    the layer stops at that module, so nothing after it is computed."""
+    inputs = []
+
+    def grab(_module, args, kwargs):
+        inputs.append((args[0] if args else next(iter(kwargs.values()))).detach().reshape(-1, stream.shape[-1]))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, stream.shape[0], batch_size):
+                batch = stream[start:start + batch_size].to(device)
+                try:
+                    layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(inputs)
+
+
+def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None]) -> dict[str, GPTQ]:
+    """GPTQ accumulators for one group of Linears that share an input, filled by running `run_batches`
+    (which may raise _StopForward per batch: the pass stops once every Linear of the group has fired)."""
+    solvers = {name: GPTQ(linear.in_features, device=linear.weight.device) for name, linear in group}
+    fired: set[str] = set()
+    handles = []
+    for name, linear in group:
+        def hook(_module, args, _output, name=name):
+            solvers[name].add_batch(args[0].detach())
+            fired.add(name)
+            if len(fired) == len(group):
+                fired.clear()
+                raise _StopForward
+        handles.append(linear.register_forward_hook(hook))
+    try:
+        run_batches()
+    finally:
+        for h in handles:
+            h.remove()
+    return solvers
+
+
+class LayerwiseQuantizer:
+    """Runs QESC (or plain GPTQ / RTN) over a model's decoder layers; see the module docstring."""
+
+    def __init__(self, model: nn.Module, config: QuantizeConfig, device: torch.device | str = "cpu",
+                 progress_dir: Path | None = None):
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.progress_dir = progress_dir
+        if len(config.expert_bits) != len(self.layers):
+            raise ValueError(f"{len(config.expert_bits)} expert bit widths for {len(self.layers)} layers")
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.reports: list[LayerReport] = []
+
+    # -- one quantized matrix -------------------------------------------------------------------------
+    def _quantize_matrix(self, name: str, weight: torch.Tensor, bits: int, solver: GPTQ | None,
+                         report: LayerReport) -> torch.Tensor:
+        spec = self.config.spec(bits)
+        if solver is None or self.config.method == "rtn":
+            qw = rtn_quantize(weight, spec)
+        else:
+            result = solver.quantize(weight, spec)
+            qw = result.qweight
+            report.gptq_loss[name] = float(result.loss)
+        self.quantized[name] = qw
+        return qw.dequantize().to(weight.dtype)
+
+    def _quantize_linear_groups(self, prefix: str, groups: list[list[tuple[str, nn.Linear]]], bits: int,
+                                run_batches: Callable[[], None], report: LayerReport) -> None:
+        """GPTQ on Linears group by group (true-sequential: a group's inputs come from the quantized groups
+        before it)."""
+        for group in groups:
+            solvers = {} if self.config.method == "rtn" else collect_hessians(group, run_batches)
+            for name, linear in group:
+                linear.weight.data = self._quantize_matrix(f"{prefix}.{name}", linear.weight.data, bits,
+                                                           solvers.get(name), report)
+
+    # -- routed experts -------------------------------------------------------------------------------
+    def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
+                                 routing: Routing, bits: int, report: LayerReport) -> None:
+        adapter, cfg = self.adapter, self.config
+        act = adapter.expert_act(block)
+        num_experts = adapter.num_experts(block)
+        report.expert_tokens = []
+        for e in range(num_experts):
+            token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
+            report.expert_tokens.append(int(token_index.numel()))
+            weights = adapter.expert_weights(block, e)
+            names = {k: f"{prefix}.experts.{e}.{k}" for k in weights}
+            x = expert_input[token_index]
+            min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
+            use_rtn = cfg.method == "rtn"
+            if not use_rtn and token_index.numel() < min_tokens:
+                report.sparse_experts.append(e)
+                if cfg.sparse_expert_policy == "rtn":
+                    use_rtn = True
+                else:  # pool: the layer's whole token distribution stands in for the expert's own
+                    x = expert_input
+            solver = None
+            if not use_rtn:
+                solver = GPTQ(weights["gate_proj"].shape[1], device=x.device)
+                solver.add_batch(x)
+            gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
+            up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
+            down_solver = None
+            if not use_rtn:
+                with torch.no_grad():
+                    down_input = act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)
+                down_solver = GPTQ(weights["down_proj"].shape[1], device=x.device)
+                down_solver.add_batch(down_input)
+            down_q = self._quantize_matrix(names["down_proj"], weights["down_proj"], bits, down_solver, report)
+            adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
+
+    # -- one decoder layer ----------------------------------------------------------------------------
+    def quantize_layer(self, index: int, fp_stream: torch.Tensor | None, q_stream: torch.Tensor | None,
+                       layer_kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, LayerReport]:
+        cfg, adapter, device = self.config, self.adapter, self.device
+        layer = self.layers[index].to(device)
+        report = LayerReport(layer=index, expert_bits=cfg.expert_bits[index])
+        needs_data = cfg.method != "rtn"
+        needs_fp = cfg.method in ("qesc", "qesc-mse")
+        fp_layer = copy.deepcopy(layer) if needs_fp else None
+        prefix = f"layers.{index}"
+
+        def run_stream():
+            for start in range(0, q_stream.shape[0], cfg.batch_size):
+                batch = q_stream[start:start + cfg.batch_size].to(device)
+                try:
+                    with torch.no_grad():
+                        layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
+                except _StopForward:
+                    pass
+
+        t0 = time.perf_counter()
+        if cfg.attn_bits is not None:
+            self._quantize_linear_groups(prefix, adapter.attention_linears(layer), cfg.attn_bits, run_stream, report)
+        report.seconds["attention"] = time.perf_counter() - t0
+
+        block = adapter.moe_block(layer)
+        if block is None:  # a dense layer (e.g. DeepSeek's first layers): its MLP is quantized like the experts
+            t0 = time.perf_counter()
+            self._quantize_linear_groups(prefix, adapter.dense_mlp_linears(layer), cfg.expert_bits[index],
+                                         run_stream, report)
+            report.seconds["mlp"] = time.perf_counter() - t0
+        else:
+            block_prefix = f"{prefix}.mlp"
+            expert_input = None
+            if needs_data:
+                expert_input = capture_module_input(layer, block, q_stream, layer_kwargs, cfg.batch_size, device)
+            t0 = time.perf_counter()
+            if needs_fp:
+                router_input_fp = capture_module_input(fp_layer, adapter.moe_block(fp_layer), fp_stream, layer_kwargs,
+                                                       cfg.batch_size, device)
+                num_experts = adapter.num_experts(block)
+                topk = num_experts if cfg.method == "qesc-mse" else (cfg.router_topk or adapter.default_calibration_topk(block))
+                router_weight = adapter.router_weight(block)
+                result = calibrate_router(
+                    router_weight.data, adapter.router_input(block, router_input_fp), adapter.router_input(block, expert_input),
+                    RouterCalibrationConfig(topk=min(topk, num_experts), steps=cfg.router_steps, lr=cfg.router_lr,
+                                            seed=cfg.seed + index),
+                    selection_scores=lambda logits: adapter.selection_scores(block, logits))
+                router_weight.data.copy_(result.weight)
+                report.router = {"topk": min(topk, num_experts), "loss_before": result.loss_before,
+                                 "loss_after": result.loss_after, "best_step": result.best_step}
+                del router_input_fp
+            report.seconds["router"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            shared_groups = adapter.shared_experts(block)
+            if shared_groups:
+                def run_block():
+                    for start in range(0, expert_input.shape[0], cfg.batch_size * 512):
+                        try:
+                            with torch.no_grad():
+                                block(expert_input[start:start + cfg.batch_size * 512].unsqueeze(0))
+                        except _StopForward:
+                            pass
+                self._quantize_linear_groups(block_prefix, shared_groups, cfg.expert_bits[index], run_block, report)
+            with torch.no_grad():
+                if needs_data:
+                    routing = adapter.route(block, expert_input)
+                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, cfg.expert_bits[index], report)
+                else:
+                    dummy = Routing(logits=None, weights=None, indices=torch.empty(0, 1, dtype=torch.long))
+                    self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, cfg.expert_bits[index], report)
+            report.seconds["experts"] = time.perf_counter() - t0
+            del expert_input
+
+        t0 = time.perf_counter()
+        if needs_data:
+            q_stream = run_layer(layer, q_stream, layer_kwargs, cfg.batch_size, device)
+        if needs_fp:
+            fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)
+        report.seconds["advance"] = time.perf_counter() - t0
+        self.layers[index] = layer.to("cpu")
+        del fp_layer
+        return fp_stream, q_stream, report
+
+    # -- progress (resume) ----------------------------------------------------------------------------
+    def _save_progress(self, index: int, fp_stream, q_stream, fingerprint: str) -> None:
+        """Write layer `index`'s quantized tensors and the streams; state.json is replaced last and atomically,
+        so a crash at any point leaves the previous consistent state."""
+        d = self.progress_dir
+        d.mkdir(parents=True, exist_ok=True)
+        layer_tensors = {f"state.{k}": v.contiguous() for k, v in self.layers[index].state_dict().items()}
+        this_layer = {n: qw for n, qw in self.quantized.items() if n.startswith(f"layers.{index}.")}
+        layer_tensors.update({f"quant.{k}": v for k, v in quantized_tensors(this_layer).items()})
+        save_file(layer_tensors, d / f"layer_{index:04d}.safetensors")
+        streams = {k: v.contiguous() for k, v in (("fp", fp_stream), ("q", q_stream)) if v is not None}
+        save_file(streams, d / "streams.tmp.safetensors")
+        os.replace(d / "streams.tmp.safetensors", d / f"streams_{index:04d}.safetensors")
+        state = {"fingerprint": fingerprint, "completed_layers": index + 1,
+                 "reports": [asdict(r) for r in self.reports]}
+        (d / "state.tmp.json").write_text(json.dumps(state))
+        os.replace(d / "state.tmp.json", d / "state.json")
+        old = d / f"streams_{index - 1:04d}.safetensors"
+        if old.exists():
+            old.unlink()
+
+    def _load_progress(self, fingerprint: str):
+        d = self.progress_dir
+        state = json.loads((d / "state.json").read_text())
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{d} holds progress of a run with other settings or calibration data; "
+                             "remove it or drop --resume")
+        done = state["completed_layers"]
+        for index in range(done):
+            tensors = load_file(d / f"layer_{index:04d}.safetensors")
+            self.layers[index].load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
+            self.quantized.update(quantized_from_tensors(
+                {k[len("quant."):]: v for k, v in tensors.items() if k.startswith("quant.")}))
+        self.reports = [LayerReport(**r) for r in state["reports"]]
+        streams = load_file(d / f"streams_{done - 1:04d}.safetensors")
+        log.info("resuming after layer %d of %d", done, len(self.layers))
+        return done, streams.get("fp"), streams.get("q")
+
+    # -- the whole model ------------------------------------------------------------------------------
+    def run(self, calib_ids: torch.Tensor, resume: bool = False,
+            stop_after_layer: int | None = None) -> list[LayerReport]:
+        """Quantize every decoder layer in order. `stop_after_layer` ends the run early (for tests of resume)."""
+        cfg = self.config
+        fingerprint = cfg.fingerprint(calib_ids)
+        start, fp_stream, q_stream = 0, None, None
+        if resume and self.progress_dir is not None and (self.progress_dir / "state.json").exists():
+            start, fp_stream, q_stream = self._load_progress(fingerprint)
+        elif self.progress_dir is not None and self.progress_dir.exists():
+            shutil.rmtree(self.progress_dir)
+        layer_kwargs = {}
+        if cfg.method != "rtn":
+            inputs, layer_kwargs = capture_layer_inputs(self.model, self.adapter, calib_ids, cfg.batch_size, self.device)
+            if start == 0:
+                q_stream = inputs
+                fp_stream = inputs.clone() if cfg.method in ("qesc", "qesc-mse") else None
+            del inputs
+        for index in tqdm(range(start, len(self.layers)), desc=f"{cfg.method} layers", unit="layer",
+                          initial=start, total=len(self.layers)):
+            fp_stream, q_stream, report = self.quantize_layer(index, fp_stream, q_stream, layer_kwargs)
+            self.reports.append(report)
+            log.info("layer %d: %s%s", index, {k: round(v, 2) for k, v in report.seconds.items()},
+                     f" router TopK-MSE {report.router['loss_before']:.4g} -> {report.router['loss_after']:.4g}"
+                     if report.router else "")
+            if report.sparse_experts:
+                log.info("layer %d: %d experts under the token threshold (%s policy): %s", index,
+                         len(report.sparse_experts), cfg.sparse_expert_policy, report.sparse_experts)
+            if self.progress_dir is not None:
+                self._save_progress(index, fp_stream, q_stream, fingerprint)
+            if stop_after_layer is not None and index >= stop_after_layer:
+                break
+        return self.reports

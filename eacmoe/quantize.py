@@ -1,0 +1,92 @@
+"""`python -m eacmoe.quantize`: quantize a MoE model with QESC (GPTQ + router re-calibration), GPTQ or RTN.
+
+With no flags it quantizes the bundled tiny-mixtral to 2-bit experts / 4-bit attention with QESC on the
+bundled calibration text, evaluates it against the FP model and writes out/tiny-mixtral-qesc-w2/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .assets import BUNDLED_MODELS, DEFAULT_MODEL
+from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
+
+log = logging.getLogger("eacmoe.quantize")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eacmoe.quantize", description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled model ({', '.join(BUNDLED_MODELS)}), local directory or hub id "
+                        "(e.g. mistralai/Mixtral-8x7B-v0.1)")
+    p.add_argument("--bits", default="2",
+                   help="expert bits: 2, 3, 4, 8; 2.5 = first half of the layers 3-bit, second half 2-bit "
+                        "(EAC-MoE); or a comma list with one width per decoder layer")
+    p.add_argument("--attn-bits", type=int, default=4, help="attention bits (2, 3, 4, 8; 16 keeps attention FP)")
+    p.add_argument("--method", choices=METHODS, default="qesc",
+                   help="rtn: round-to-nearest; gptq: GPTQ, routers untouched; qesc: GPTQ + TopK-MSE router "
+                        "calibration (EAC-MoE); qesc-mse: the same with plain MSE over all experts (ablation)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per quantization group; -1 = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with zero points)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--calib", default="bundled",
+                   help="calibration text: bundled, wikitext2, c4 (online only) or a .txt/.jsonl path")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (the paper uses 2048)")
+    p.add_argument("--router-topk", type=int, default=None,
+                   help="K of the TopK-MSE router loss (default: from the model: 8 of 16 experts, 20 of 64, 4 of 8)")
+    p.add_argument("--router-steps", type=int, default=200, help="Adam steps of router calibration")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="Adam learning rate of router calibration")
+    p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
+                   help="an expert that gets fewer calibration tokens than its input width is quantized with the "
+                        "layer's pooled tokens (pool) or round-to-nearest (rtn); counted in the log")
+    p.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for the final evaluation")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out sequence")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype; auto = float32 on CPU, the model's dtype on GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and router calibration")
+    p.add_argument("--out", default=None, help="output directory (default: out/<model>-<method>-w<bits>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .adapters import UnsupportedModelError
+    from .calibration import CalibrationDataError
+    from .report import format_summary
+    from .schedule import BitsError
+    from .workflow import JobError, QuantizeJob, run_job
+
+    job = QuantizeJob(model=args.model, bits=args.bits, method=args.method,
+                      attn_bits=None if args.attn_bits == 16 else args.attn_bits, group_size=args.group_size,
+                      sym=args.sym, act_order=args.act_order, calib=args.calib, nsamples=args.nsamples,
+                      seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
+                      router_lr=args.router_lr, sparse_expert_policy=args.sparse_expert_policy,
+                      eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
+                      dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    try:
+        report = run_job(job)
+    except (JobError, BitsError, CalibrationDataError, UnsupportedModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    print(format_summary(report))
+    print(f"\nwrote {report['out']} (report.json, report.png, quantized model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""End-to-end quantization job: load, calibrate, quantize layer by layer, evaluate, write the output directory.
+
+`python -m eacmoe.quantize` parses its flags into a `QuantizeJob` and calls `run_job`. The output directory
+appears only when complete: everything is written into `<out>.partial/` (which also holds the per-layer
+progress used by --resume) and renamed to `<out>` at the very end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .adapters import get_adapter
+from .assets import resolve_model
+from .calibration import get_calibration_data
+from .expert_shift import measure_expert_shift
+from .heldout import heldout_sequences
+from .pipeline import LayerwiseQuantizer, QuantizeConfig
+from .quant.serialize import save_quantized_state
+from .schedule import BitsAccount, parse_expert_bits
+
+log = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """A bad input to the quantization job; the message is meant for the user, one line."""
+
+
+@dataclass
+class QuantizeJob:
+    model: str = "tiny-mixtral"
+    bits: str = "2"
+    method: str = "qesc"
+    attn_bits: int | None = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    calib: str = "bundled"
+    nsamples: int = 128
+    seqlen: int = 512
+    router_topk: int | None = None
+    router_steps: int = 200
+    router_lr: float = 1e-3
+    sparse_expert_policy: str = "pool"
+    eval_samples: int = 32
+    eval_seqlen: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(f"--device {name} asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """float32 on CPU for "auto" (half-precision CPU matmuls lose accuracy); on GPU the checkpoint's dtype."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return torch.float32 if device.type == "cpu" else "auto"
+
+
+def check_writable(out: Path) -> None:
+    """The nearest existing ancestor of `out` must be a writable directory."""
+    parent = out.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise JobError(f"cannot write to {out}: {parent} is not a writable directory")
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str):
+    """Model on CPU (layers move to the device one at a time), eager experts (fast on CPU, exact everywhere)."""
+    path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    get_adapter(config)  # unsupported families fail before any weight is read
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def check_weights(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise JobError(f"weight {name} holds NaN or Inf values; refusing to quantize")
+
+
+def check_group_size(quantizer: LayerwiseQuantizer, group_size: int) -> None:
+    if group_size == -1:
+        return
+    if group_size <= 0:
+        raise JobError(f"--group-size must be a positive divisor of the input widths or -1 (got {group_size})")
+    adapter = quantizer.adapter
+    widths = set()
+    for layer in quantizer.layers:
+        for group in adapter.attention_linears(layer) + adapter.dense_mlp_linears(layer):
+            widths.update(lin.in_features for _, lin in group)
+        block = adapter.moe_block(layer)
+        if block is not None:
+            widths.update(w.shape[1] for w in adapter.expert_weights(block, 0).values())
+            for group in adapter.shared_experts(block):
+                widths.update(lin.in_features for _, lin in group)
+    bad = sorted(w for w in widths if w % group_size)
+    if bad:
+        raise JobError(f"--group-size {group_size} does not divide the input width(s) {bad} of this model; "
+                       f"use a divisor of {math.gcd(*widths)} or -1 (per channel)")
+
+
+def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
+    account = BitsAccount()
+    for qw in quantizer.quantized.values():
+        rows, columns = qw.codes.shape
+        account.add_quantized(rows, columns, qw.bits, qw.group_size)
+    total = sum(p.numel() for p in quantizer.model.parameters())
+    account.fp_params = total - account.quantized_params
+    return account
+
+
+def run_job(job: QuantizeJob) -> dict:
+    """Run the whole job; returns the report (also written to <out>/report.json)."""
+    t_start = time.perf_counter()
+    device = pick_device(job.device)
+    out = Path(job.out) if job.out else Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{job.bits}"
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not job.overwrite:
+        raise JobError(f"output directory {out} already exists; pass --overwrite to replace it")
+    check_writable(out)
+
+    # Everything that can be wrong with the input is checked before anything is written.
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(job.model, pick_dtype(job.dtype, device))
+    check_weights(model)
+    num_layers = len(get_adapter(model).decoder_layers(model))
+    expert_bits = parse_expert_bits(job.bits, num_layers)
+    if job.attn_bits is not None and job.attn_bits not in (2, 3, 4, 8):
+        raise JobError(f"--attn-bits must be 2, 3, 4, 8 or 16 (got {job.attn_bits})")
+    qconfig = QuantizeConfig(expert_bits=expert_bits, method=job.method, attn_bits=job.attn_bits,
+                             group_size=job.group_size, sym=job.sym, act_order=job.act_order,
+                             router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
+                             sparse_expert_policy=job.sparse_expert_policy, seed=job.seed)
+    quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=partial / ".progress")
+    check_group_size(quantizer, job.group_size)
+    calib_ids = get_calibration_data(job.calib, tokenizer, job.nsamples, job.seqlen, seed=job.seed)
+    dtype = next(model.parameters()).dtype
+    timings["load"] = time.perf_counter() - t0
+
+    if not job.resume and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    # The FP reference for evaluation is a second copy, read before any weight changes.
+    fp_model, _ = load_model(job.model, dtype)
+    t0 = time.perf_counter()
+    layer_reports = quantizer.run(calib_ids, resume=job.resume)
+    timings["quantize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    evaluation = {}
+    for source in ("bundled-test", "wikitext2"):
+        ids = heldout_sequences(source, tokenizer, job.eval_samples, job.eval_seqlen)
+        if ids is None:
+            log.warning("held-out source %s is not available; skipped", source)
+            continue
+        evaluation[source] = measure_expert_shift(fp_model, model, ids, batch_size=qconfig.batch_size,
+                                                  device=device).to_dict()
+    timings["evaluate"] = time.perf_counter() - t0
+
+    account = bits_account(quantizer)
+    t0 = time.perf_counter()
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    save_quantized_state(quantizer.quantized, partial / "quantized_state.safetensors")
+    timings["save"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    seconds_by_stage: dict[str, float] = {}
+    for r in layer_reports:
+        for k, v in r.seconds.items():
+            seconds_by_stage[k] = seconds_by_stage.get(k, 0.0) + v
+    report = {
+        "model": job.model, "job": asdict(job), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
+        "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
+        "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,
+        "layers": [asdict(r) for r in layer_reports],
+    }
+    (partial / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        from .report import plot_report
+
+        plot_report(report, partial / "report.png")
+    except Exception as exc:  # a plot must never cost the user a finished quantization
+        log.warning("could not draw report.png: %s", exc)
+    shutil.rmtree(partial / ".progress", ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    report["out"] = str(out)
+    return report
