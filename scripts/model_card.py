@@ -151,7 +151,7 @@ def evaluate_split(model, tokens: np.ndarray, domains: np.ndarray, *, seqlen: in
     lengths = np.minimum(seqlen, n_targets - starts)
     groups = [starts[lengths == seqlen], starts[lengths < seqlen]]
     batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    t0, done, next_report = time.time(), 0, 0.1
+    total, t0, done, reported = int(lengths.sum()), time.time(), 0, 0
     for batch in batches:
         length = int(min(seqlen, n_targets - batch[0]))
         x = torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in batch]))
@@ -170,11 +170,10 @@ def evaluate_split(model, tokens: np.ndarray, domains: np.ndarray, *, seqlen: in
             u = torch.stack(layers).numpy().astype(np.int64)
             usage = u if usage is None else usage + u
         done += len(batch) * length
-        if done / (len(starts) * seqlen) >= next_report:
-            rate = done / (time.time() - t0)
-            log.info("%s: %d/%d tokens, %.0f tok/s, loss so far %.3f", label, done, int(lengths.sum()), rate,
+        if 10 * done // total > reported:  # every 10%
+            reported = 10 * done // total
+            log.info("%s: %d/%d tokens, %.0f tok/s, loss so far %.3f", label, done, total, done / (time.time() - t0),
                      nll_sum.sum() / max(1, count.sum()))
-            next_report += 0.1
     return {"nll_sum": nll_sum, "count": count, "usage": usage, "windows": len(starts),
             "scored_tokens": int(count.sum()), "split_tokens": int(n_targets)}
 
@@ -200,9 +199,9 @@ def usage_summary(counts: np.ndarray) -> list[dict]:
         present = [k for k in range(len(layer)) if layer[k].sum() > 0]
         shares = {DOMAINS[k]: layer[k] / layer[k].sum() for k in present}
         js = {dom: js_divergence(s, overall) for dom, s in shares.items()}
-        # strongest domain preference: largest ratio of a domain's share of an expert to the overall share
-        best = max(((dom, e, s[e] / overall[e]) for dom, s in shares.items() for e in range(len(overall))
-                    if overall[e] > 0), key=lambda t: t[2])
+        # strongest domain preference: the (domain, expert) whose share most exceeds the expert's overall share
+        best = max(((dom, e, s[e] - overall[e]) for dom, s in shares.items() for e in range(len(overall))),
+                   key=lambda t: t[2])
         rows.append({
             "min_share": float(overall.min()), "max_share": float(overall.max()),
             "argmin": int(overall.argmin()), "argmax": int(overall.argmax()),
@@ -290,6 +289,7 @@ def plot_training_curve(history: list[dict], num_experts: int | None, title: str
                 color=DOMAIN_COLOURS.get(d), label=f"val {d}")
     ax.plot(tok, [h.get("loss", np.nan) for h in history], color="black", lw=2.2, marker="o", ms=4,
             label="val (all domains)")
+    ax.set_xlim(0, tok.max() * 1.04)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("loss during training (in-training eval: 64 x 256-token validation windows, bf16)", fontsize=9)
@@ -306,6 +306,7 @@ def plot_training_curve(history: list[dict], num_experts: int | None, title: str
                      lw=1, label=f"layer {layer}")
         ax2.axhline(100 / num_experts, color="black", ls="--", lw=1, label=f"uniform {100 / num_experts:.1f}%")
         ax2.set_ylim(0, max(100 / num_experts, float(np.nanmax(100 * shares))) * 1.12)
+        ax2.set_xlim(0, tok.max() * 1.04)
         ax2.set_xlabel("training tokens (millions)")
         ax2.set_ylabel("least-used expert's share of top-k slots (%)")
         ax2.set_title("load balance during training (per layer)", fontsize=9)
@@ -513,7 +514,7 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
             f"{100 * worst_max['max_share']:.2f}% (layer {layer_ids[summary.index(worst_max)]}, expert "
             f"{worst_max['argmax']}); "
             + ("no expert is dead or starved." if worst_min["min_share"] > 0.25 / E else
-               "some expert is nearly unused (< 1/4 of uniform).")
+               "at least one expert is starved (< 1/4 of the uniform share).")
             + f" **Specialisation:** mean JS divergence {js_all:.3f} bits over layers.", ""]
     rows = []
     for lid, s in zip(layer_ids, summary):
@@ -524,7 +525,7 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
                      f"`{p['domain']}` -> e{p['expert']}: {100 * p['domain_share']:.1f}% vs {100 * p['overall_share']:.1f}%"])
     doms_present = "/".join(summary[0]["js_per_domain_bits"]) if summary else ""
     out += [md_table(["layer", "min share", "max share", "max/min", "JS mean (bits)", f"JS {doms_present}",
-                      "strongest domain preference (domain share vs overall)"], rows, "lrrrrrl"), ""]
+                      "largest domain preference (domain's share vs overall share)"], rows, "lrrrrrl"), ""]
 
     # ---- commands
     cmds = training_commands(train_log or {}, model_dir)
