@@ -15,12 +15,12 @@ tokenizer, training_log.json):
   training_curve.png  validation loss vs training tokens from training_log.json (overall and per domain).
 
 Perplexity is token-level over ALL tokens of a split: the documents are tokenised, each followed by the eos
-token, joined into one stream that starts with eos, and scored with non-overlapping 512-token windows (the
-first token of a window is predicted from the last token of the previous window, so every token of the
-split is scored exactly once, with 0-511 tokens of context). The bf16 weights are upcast to fp32. Routing is
+token, joined into one stream that starts with eos, and scored with non-overlapping windows of 512 predicted
+tokens (a window's first input is the token scored last in the previous window, so every token of the split
+is scored exactly once, with 1-512 tokens of context). The bf16 weights are upcast to fp32. Routing is
 read from the model's own router logits (output_router_logits=True); the top-k of the logits is the top-k of
 the routing probabilities. --max-tokens scores an evenly spaced subset of the windows instead (every domain
-keeps its share); the whole of validation + test is ~0.9M tokens, a few minutes on one CPU thread.
+keeps roughly its share); the whole of validation + test is ~0.9M tokens, a few minutes on one CPU thread.
 """
 from __future__ import annotations
 
@@ -204,6 +204,8 @@ def usage_summary(counts: np.ndarray) -> list[dict]:
                    key=lambda t: t[2])
         rows.append({
             "min_share": float(overall.min()), "max_share": float(overall.max()),
+            "dead_experts": int((layer.sum(0) == 0).sum()),
+            "starved_experts": int((overall < 0.25 / len(overall)).sum()),  # < 1/4 of the uniform share
             "argmin": int(overall.argmin()), "argmax": int(overall.argmax()),
             "js_mean_bits": float(np.mean(list(js.values()))), "js_per_domain_bits": js,
             "strongest_preference": {"domain": best[0], "expert": int(best[1]),
@@ -246,8 +248,9 @@ def plot_expert_usage(counts: np.ndarray, layer_ids: list[int], summary: list[di
             continue
         im = ax.imshow(data[i], cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         s = summary[i]
-        ax.set_title(f"layer {layer_ids[i]}: expert share {100 * s['min_share']:.1f}-{100 * s['max_share']:.1f}%, "
-                     f"JS {s['js_mean_bits']:.3f} bits", fontsize=10)
+        starved = f", {s['starved_experts']} starved" if s["starved_experts"] else ""
+        ax.set_title(f"layer {layer_ids[i]}: expert share {100 * s['min_share']:.1f}-{100 * s['max_share']:.1f}%"
+                     f"{starved}, JS {s['js_mean_bits']:.3f} bits", fontsize=10)
         ax.set_yticks(range(len(rows_lab)), rows_lab, fontsize=9)
         ax.axhline(len(rows_lab) - 1.5, color="black", lw=1.2)
         step = 1 if n_exp <= 16 else 2
@@ -318,6 +321,11 @@ def plot_training_curve(history: list[dict], num_experts: int | None, title: str
 
 
 # ----------------------------------------------------------------------------------------------- card
+
+def fmt_share(x: float) -> str:
+    pct = 100 * x
+    return "0%" if x == 0 else "<0.01%" if pct < 0.01 else f"{pct:.2f}%"
+
 
 def fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
@@ -476,7 +484,8 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
                f"an evenly spaced subset of at most {max_tokens:,} tokens of each split (`--max-tokens`)")
             + f". Documents are tokenised, each followed by `<|endoftext|>` (which is scored too), and joined into "
             f"one stream that starts with `<|endoftext|>`; the stream is cut into non-overlapping windows of "
-            f"{seqlen} tokens (each token is scored once, with 0-{seqlen - 1} tokens of in-window context). "
+            f"{seqlen} predicted tokens (a window's first input is the token scored last in the previous window, so "
+            f"each token is scored exactly once, with 1-{seqlen} tokens of context). "
             f"The bf16 weights are upcast and the model runs in **fp32** on CPU. These numbers differ from the "
             f"in-training estimate above (subset, shorter windows, bf16).", ""]
     eval_splits = list(results)
@@ -509,22 +518,24 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
             f"selections of the layer (uniform = 1/{E} = {uniform:.1f}%). *Specialisation* is the Jensen-Shannon "
             f"divergence (bits, 0 = same usage as overall, 1 = disjoint experts) between each domain's usage "
             f"distribution and the overall one, averaged over the {int((usage_counts[0].sum(1) > 0).sum())} domains.", "",
-            f"**Balance:** the least-used expert of any layer gets {100 * worst_min['min_share']:.2f}% "
+            f"*Starved* experts get less than 1/4 of the uniform share, *dead* ones nothing.", "",
+            f"**Balance:** the least-used expert of any layer gets {fmt_share(worst_min['min_share'])} "
             f"(layer {layer_ids[summary.index(worst_min)]}, expert {worst_min['argmin']}), the most-used "
-            f"{100 * worst_max['max_share']:.2f}% (layer {layer_ids[summary.index(worst_max)]}, expert "
+            f"{fmt_share(worst_max['max_share'])} (layer {layer_ids[summary.index(worst_max)]}, expert "
             f"{worst_max['argmax']}); "
-            + ("no expert is dead or starved." if worst_min["min_share"] > 0.25 / E else
-               "at least one expert is starved (< 1/4 of the uniform share).")
+            + ("no expert is starved or dead." if worst_min["min_share"] >= 0.25 / E else
+               f"{sum(s['starved_experts'] for s in summary)} of {E * len(summary)} experts are starved "
+               f"(< 1/4 of the uniform share), {sum(s['dead_experts'] for s in summary)} dead.")
             + f" **Specialisation:** mean JS divergence {js_all:.3f} bits over layers.", ""]
     rows = []
     for lid, s in zip(layer_ids, summary):
         p = s["strongest_preference"]
-        rows.append([lid, f"{100 * s['min_share']:.2f}% (e{s['argmin']})", f"{100 * s['max_share']:.2f}% (e{s['argmax']})",
-                     f"{s['max_share'] / max(s['min_share'], 1e-12):.2f}", f"{s['js_mean_bits']:.3f}",
+        rows.append([lid, f"{fmt_share(s['min_share'])} (e{s['argmin']})", f"{fmt_share(s['max_share'])} (e{s['argmax']})",
+                     f"{s['starved_experts']} / {s['dead_experts']}", f"{s['js_mean_bits']:.3f}",
                      " / ".join(f"{s['js_per_domain_bits'][d]:.3f}" for d in s["js_per_domain_bits"]),
                      f"`{p['domain']}` -> e{p['expert']}: {100 * p['domain_share']:.1f}% vs {100 * p['overall_share']:.1f}%"])
     doms_present = "/".join(summary[0]["js_per_domain_bits"]) if summary else ""
-    out += [md_table(["layer", "min share", "max share", "max/min", "JS mean (bits)", f"JS {doms_present}",
+    out += [md_table(["layer", "min share", "max share", "starved / dead experts", "JS mean (bits)", f"JS {doms_present}",
                       "largest domain preference (domain's share vs overall share)"], rows, "lrrrrrl"), ""]
 
     # ---- commands
@@ -636,8 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     layer_ids = moe_layer_ids(model, usage.shape[0])
     summary = usage_summary(usage)
     for lid, s in zip(layer_ids, summary):
-        log.info("layer %d: expert share %.2f%%-%.2f%% (uniform %.2f%%), JS %.3f bits", lid, 100 * s["min_share"],
-                 100 * s["max_share"], 100 / E, s["js_mean_bits"])
+        log.info("layer %d: expert share %.2f%%-%.2f%% (uniform %.2f%%), %d starved, %d dead, JS %.3f bits", lid,
+                 100 * s["min_share"], 100 * s["max_share"], 100 / E, s["starved_experts"], s["dead_experts"],
+                 s["js_mean_bits"])
 
     usage_json = {
         "model": name, "split": args.usage_split, "seqlen": args.seqlen, "max_tokens": args.max_tokens,

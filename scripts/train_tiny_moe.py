@@ -172,6 +172,9 @@ def main() -> None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt"))
         state = json.loads((ckpt / "state.json").read_text())
         log.info("resumed at step %d (%d tokens)", state["step"], state["tokens_seen"])
+    if not args.export:  # every (re)start records its own arguments: schedules may change between sessions
+        state.setdefault("sessions", []).append({"from_step": state["step"],
+                                                 "args": {k: str(v) for k, v in vars(args).items()}})
 
     if args.export:
         export(model, tokenizer, state, args.export)

@@ -9,11 +9,10 @@ calibration inputs to both solvers and compare the layer-output proxy error ``tr
 """
 
 import importlib.util
-import logging
-import os
 
 import pytest
 import torch
+from gptqmodel_env import gptqmodel_import_guard, leaked_hf_cache_vars
 
 from eacmoe.quant import GPTQ, QuantSpec, proxy_loss
 
@@ -23,30 +22,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, r
 
 @pytest.fixture(scope="module")
 def gm():
-    """GPTQModel's ``(QuantizeConfig, GPTQ)``, imported without leaking its side effects into the session.
-
-    Importing gptqmodel (via tokenicer/logbar) sets HF_HOME/HF_HUB_CACHE/TRANSFORMERS_CACHE to /tmp paths,
-    CUDA/allocator variables, and calls logging.basicConfig(level=INFO). Other tests in the same session must
-    not see that, so the environment and the root logger are restored right after the import; huggingface_hub
-    and transformers are imported first so their cache constants come from the real environment.
-    """
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    import huggingface_hub  # noqa: F401
-    import transformers  # noqa: F401
-
-    env = dict(os.environ)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
+    """GPTQModel's ``(QuantizeConfig, GPTQ)``, imported without leaking its side effects into the session
+    (see ``gptqmodel_env.gptqmodel_import_guard``)."""
+    with gptqmodel_import_guard():
         pytest.importorskip("gptqmodel")
         from gptqmodel.quantization.config import QuantizeConfig
         from gptqmodel.quantization.gptq import GPTQ as GPTQModelGPTQ
-    finally:
-        for key in set(os.environ) - set(env):
-            del os.environ[key]
-        os.environ.update(env)
-        root.handlers[:] = handlers
-        root.setLevel(level)
     return QuantizeConfig, GPTQModelGPTQ
 
 
@@ -165,5 +146,4 @@ def test_hessians_agree(data):
 
 def test_gptqmodel_import_does_not_leak_into_the_session(gm):
     # tokenicer would point the HF caches at /tmp for everything that runs after this module
-    assert not os.environ.get("HF_HOME", "").startswith("/tmp/tokenicer_hf_home")
-    assert not os.environ.get("TRANSFORMERS_CACHE", "").startswith("/tmp/tokenicer_hf_home")
+    assert leaked_hf_cache_vars() == []

@@ -51,7 +51,9 @@ def test_full_qesc_run_every_family(name: str) -> None:
                 n_experts_quantized += 1
         for group in adapter.shared_experts(block):
             for lname, linear in group:
-                assert f"layers.{i}.mlp.{lname}" in q.quantized
+                assert f"layers.{i}.{lname}" in q.quantized
+                torch.testing.assert_close(linear.weight.data, q.quantized[f"layers.{i}.{lname}"].dequantize(),
+                                           rtol=0, atol=0)
         # routers are never quantized: not in the quantized set
         assert not any(k.startswith(f"layers.{i}.mlp.gate.") for k in q.quantized)
     assert n_experts_quantized > 0

@@ -19,6 +19,8 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import prod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,96 @@ def mlp_linear_groups(prefix: str, mlp: nn.Module) -> LinearGroups:
         [(f"{prefix}.gate_proj", mlp.gate_proj), (f"{prefix}.up_proj", mlp.up_proj)],
         [(f"{prefix}.down_proj", mlp.down_proj)],
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter inventory from a config alone (no weights): what `python -m eacmoe.plan` sizes.
+
+# Components of a model, in the order the planner reports them.
+COMPONENTS = (
+    "embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "norms", "lm_head",
+)
+# Components whose Linear weights GPTQ quantizes (attention at the attention bits, the rest at the layer's
+# expert bits); routers/gates, norms, embeddings and lm_head stay in 16-bit.
+QUANTIZABLE_COMPONENTS = ("attention", "routed_experts", "shared_experts", "dense_mlp")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One kind of weight tensor of a model, as far as the config tells (used for parameter counts and sizing).
+
+    component: one of ``COMPONENTS``.
+    name:      checkpoint-style name relative to the decoder layer (``"self_attn.q_proj.weight"``, per-expert
+               ``"mlp.experts.gate_proj"``) or to the model for model-level tensors.
+    shape:     the tensor shape; Linear weights are ``(out_features, in_features)``. Fused 3D expert tensors are
+               listed as their per-expert Linear views (``gate_proj``/``up_proj`` [I, H], ``down_proj`` [H, I]),
+               the unit a GPTQ checkpoint stores, with ``copies`` = number of experts.
+    copies:    how many identical tensors this entry stands for (experts of one layer).
+    layer:     decoder layer index, None for model-level tensors (embeddings, final norm, lm_head).
+    linear:    a Linear weight that GPTQ may quantize (component in ``QUANTIZABLE_COMPONENTS``); biases are not.
+    parameter: False for a persistent buffer that is saved but is not an ``nn.Parameter`` (not counted as a
+               parameter, but it takes memory), e.g. DeepSeek-V3's ``e_score_correction_bias``.
+    """
+
+    component: str
+    name: str
+    shape: tuple[int, ...]
+    copies: int = 1
+    layer: int | None = None
+    linear: bool = False
+    parameter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.component not in COMPONENTS:
+            raise ValueError(f"unknown component {self.component!r}; expected one of {COMPONENTS}")
+        if self.linear and (len(self.shape) != 2 or self.component not in QUANTIZABLE_COMPONENTS):
+            raise ValueError(f"{self.name}: only 2-D weights of {QUANTIZABLE_COMPONENTS} can be quantizable Linears")
+
+    @property
+    def numel(self) -> int:
+        """Elements of all ``copies`` together."""
+        return prod(self.shape) * self.copies
+
+
+def linear_specs(
+    component: str, name: str, out_features: int, in_features: int, layer: int | None, *, bias: bool = False,
+    copies: int = 1, quantizable: bool = True,
+) -> list[WeightSpec]:
+    """The weight (and optional bias) of one Linear; ``quantizable=False`` for routers and gates."""
+    specs = [WeightSpec(component, f"{name}.weight", (out_features, in_features), copies, layer, linear=quantizable)]
+    if bias:
+        specs.append(WeightSpec(component, f"{name}.bias", (out_features,), copies, layer))
+    return specs
+
+
+def gated_mlp_specs(
+    component: str, prefix: str, hidden: int, intermediate: int, layer: int | None, *, bias: bool = False,
+    copies: int = 1,
+) -> list[WeightSpec]:
+    """``gate_proj``/``up_proj`` [I, H] and ``down_proj`` [H, I] of a SwiGLU MLP (or of ``copies`` experts)."""
+    return [
+        *linear_specs(component, f"{prefix}.gate_proj", intermediate, hidden, layer, bias=bias, copies=copies),
+        *linear_specs(component, f"{prefix}.up_proj", intermediate, hidden, layer, bias=bias, copies=copies),
+        *linear_specs(component, f"{prefix}.down_proj", hidden, intermediate, layer, bias=bias, copies=copies),
+    ]
+
+
+def norm_specs(name: str, width: int, layer: int | None, *, bias: bool = False) -> list[WeightSpec]:
+    """An RMSNorm weight (``bias=True``: a LayerNorm's weight and bias)."""
+    specs = [WeightSpec("norms", f"{name}.weight", (width,), 1, layer)]
+    if bias:
+        specs.append(WeightSpec("norms", f"{name}.bias", (width,), 1, layer))
+    return specs
+
+
+def get_model_type(config: Any) -> str | None:
+    """``config.model_type`` (None for an object without one)."""
+    return getattr(config, "model_type", None)
+
+
+def config_head_dim(config: Any) -> int:
+    """Attention head width: ``config.head_dim`` when set, else ``hidden_size // num_attention_heads``."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 class MoEAdapter(ABC):
@@ -240,6 +332,103 @@ class MoEAdapter(ABC):
         if shared is not None:
             out = out + shared
         return out.reshape(shape)
+
+    # ------------------------------------------------------------------ parameter inventory from a config
+    # Everything below reads only the config (a transformers PretrainedConfig of this family), so models can be
+    # sized without weights. The defaults describe the common Llama-style MoE layout; each family overrides the
+    # config fields it names differently (expert count, expert width, dense layers, biases, norms, MLA).
+    def config_num_experts(self, config: Any) -> int:
+        """Routed experts per MoE layer, from the family's config field."""
+        raise NotImplementedError(f"{type(self).__name__} does not read the expert count from a config")
+
+    def config_expert_intermediate_size(self, config: Any) -> int:
+        """Intermediate width of one routed expert."""
+        raise NotImplementedError(f"{type(self).__name__} does not read the expert width from a config")
+
+    def config_is_moe_layer(self, config: Any, layer: int) -> bool:
+        """Whether decoder layer ``layer`` holds the sparse MoE block (else a dense MLP)."""
+        return True
+
+    def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """Standard (grouped-query) attention: q/k/v/o without biases."""
+        hidden, head_dim = config.hidden_size, config_head_dim(config)
+        q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        return [
+            *linear_specs("attention", "self_attn.q_proj", q_out, hidden, layer),
+            *linear_specs("attention", "self_attn.k_proj", kv_out, hidden, layer),
+            *linear_specs("attention", "self_attn.v_proj", kv_out, hidden, layer),
+            *linear_specs("attention", "self_attn.o_proj", hidden, q_out, layer),
+        ]
+
+    def config_layer_norm_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """The two per-layer RMSNorms (input and post-attention)."""
+        return [
+            *norm_specs("input_layernorm", config.hidden_size, layer),
+            *norm_specs("post_attention_layernorm", config.hidden_size, layer),
+        ]
+
+    def config_router_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """The router weight [E, H] (never quantized)."""
+        return linear_specs(
+            "router", "mlp.gate", self.config_num_experts(config), config.hidden_size, layer, quantizable=False
+        )
+
+    def config_routed_expert_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """The routed experts of an MoE layer, per expert: gate/up [I, H], down [H, I]."""
+        return gated_mlp_specs(
+            "routed_experts", "mlp.experts", config.hidden_size, self.config_expert_intermediate_size(config), layer,
+            copies=self.config_num_experts(config),
+        )
+
+    def config_shared_expert_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """Always-active shared expert(s) of an MoE layer (and their gates); none by default."""
+        return []
+
+    def config_dense_mlp_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """The MLP of a dense (non-MoE) layer, ``intermediate_size`` wide."""
+        return gated_mlp_specs("dense_mlp", "mlp", config.hidden_size, config.intermediate_size, layer)
+
+    def config_final_norm_specs(self, config: Any) -> list[WeightSpec]:
+        return norm_specs("model.norm", config.hidden_size, None)
+
+    def config_lm_head_specs(self, config: Any) -> list[WeightSpec]:
+        """The output projection; none when tied to the embeddings (the tied matrix is stored once)."""
+        if getattr(config, "tie_word_embeddings", False):
+            return []
+        return [WeightSpec("lm_head", "lm_head.weight", (config.vocab_size, config.hidden_size))]
+
+    def weight_inventory(self, config: Any) -> list[WeightSpec]:
+        """Every weight tensor (and persistent buffer) of the model described by ``config``, grouped by kind."""
+        if get_model_type(config) not in self.model_types:
+            raise ValueError(f"{type(self).__name__} sizes {self.model_types} configs, got {get_model_type(config)!r}")
+        specs = [WeightSpec("embeddings", "model.embed_tokens.weight", (config.vocab_size, config.hidden_size))]
+        for layer in range(config.num_hidden_layers):
+            specs += self.config_attention_specs(config, layer)
+            specs += self.config_layer_norm_specs(config, layer)
+            if self.config_is_moe_layer(config, layer):
+                specs += self.config_router_specs(config, layer)
+                specs += self.config_routed_expert_specs(config, layer)
+                specs += self.config_shared_expert_specs(config, layer)
+            else:
+                specs += self.config_dense_mlp_specs(config, layer)
+        specs += self.config_final_norm_specs(config)
+        specs += self.config_lm_head_specs(config)
+        return specs
+
+    def count_parameters(self, config: Any) -> int:
+        """Number of parameters of the model ``config`` describes (= ``sum(p.numel() for p in model.parameters())``
+        of a model built from it; persistent buffers are not parameters)."""
+        return sum(spec.numel for spec in self.weight_inventory(config) if spec.parameter)
+
+    def kv_cache_values_per_token(self, config: Any, layer: int) -> int:
+        """Cached values per token in decoder layer ``layer``: keys and values of every KV head (GQA-aware)."""
+        return 2 * config.num_key_value_heads * config_head_dim(config)
+
+    def kv_cache_layout(self, config: Any) -> str:
+        """One-line description of what ``kv_cache_values_per_token`` counts, for reports."""
+        kv_heads, heads = config.num_key_value_heads, config.num_attention_heads
+        kind = "MHA" if kv_heads == heads else f"GQA, {heads} query heads"
+        return f"K+V of {kv_heads} KV heads x {config_head_dim(config)} ({kind})"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, model_types={self.model_types})"

@@ -9,11 +9,25 @@ block (``DeepseekV2Moe`` / ``DeepseekV3MoE``); each MoE block adds an ungated ``
 """
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LinearGroups, MoEAdapter, Routing, mlp_linear_groups
+from .base import (
+    LinearGroups,
+    MoEAdapter,
+    Routing,
+    WeightSpec,
+    gated_mlp_specs,
+    linear_specs,
+    mlp_linear_groups,
+    norm_specs,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def _group_mask(group_scores: Tensor, topk_group: int, num_experts: int) -> Tensor:
@@ -54,6 +68,75 @@ class _DeepseekAdapter(MoEAdapter):
     def shared_output(self, block: nn.Module, hidden: Tensor) -> Tensor:
         return block.shared_experts(hidden)
 
+    # Config fields (parameter inventory): ``n_routed_experts`` experts of width ``moe_intermediate_size``; the
+    # first ``first_k_dense_replace`` layers are dense (``intermediate_size``); ``n_shared_experts`` shared experts
+    # fused into one MLP ``moe_intermediate_size * n_shared_experts`` wide; MLA attention sized by ``q_lora_rank``,
+    # ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim`` (``config.head_dim`` is only the
+    # rotary width there). ``_mlp_bias`` says whether the family's MLPs honour ``config.mlp_bias``.
+    _mlp_bias_field: bool = False
+
+    def _mlp_bias(self, config: Any) -> bool:
+        return bool(getattr(config, "mlp_bias", False)) if self._mlp_bias_field else False
+
+    def config_num_experts(self, config: Any) -> int:
+        return int(config.n_routed_experts)
+
+    def config_expert_intermediate_size(self, config: Any) -> int:
+        return int(config.moe_intermediate_size)
+
+    def config_is_moe_layer(self, config: Any, layer: int) -> bool:
+        # transformers builds the MoE block for every layer >= first_k_dense_replace and ignores moe_layer_freq
+        # (1 in every released checkpoint), so this does too.
+        if int(getattr(config, "moe_layer_freq", 1) or 1) != 1 and layer == 0:
+            logger.warning("moe_layer_freq=%s is ignored, as transformers ignores it", config.moe_layer_freq)
+        return layer >= int(config.first_k_dense_replace)
+
+    def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """Multi-head Latent Attention: q_proj (or q_a_proj + q_a_layernorm + q_b_proj), kv_a_proj_with_mqa,
+        kv_a_layernorm, kv_b_proj, o_proj; ``attention_bias`` on q_a, kv_a and o only (as transformers)."""
+        hidden, heads, bias = config.hidden_size, config.num_attention_heads, bool(config.attention_bias)
+        qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        specs: list[WeightSpec] = []
+        if config.q_lora_rank is None:
+            specs += linear_specs("attention", "self_attn.q_proj", heads * qk_head_dim, hidden, layer)
+        else:
+            specs += linear_specs("attention", "self_attn.q_a_proj", config.q_lora_rank, hidden, layer, bias=bias)
+            specs += norm_specs("self_attn.q_a_layernorm", config.q_lora_rank, layer)
+            specs += linear_specs("attention", "self_attn.q_b_proj", heads * qk_head_dim, config.q_lora_rank, layer)
+        specs += linear_specs(
+            "attention", "self_attn.kv_a_proj_with_mqa", config.kv_lora_rank + config.qk_rope_head_dim, hidden, layer,
+            bias=bias,
+        )
+        specs += norm_specs("self_attn.kv_a_layernorm", config.kv_lora_rank, layer)
+        specs += linear_specs(
+            "attention", "self_attn.kv_b_proj", heads * (config.qk_nope_head_dim + config.v_head_dim),
+            config.kv_lora_rank, layer,
+        )
+        specs += linear_specs("attention", "self_attn.o_proj", hidden, heads * config.v_head_dim, layer, bias=bias)
+        return specs
+
+    def config_shared_expert_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        n_shared = int(getattr(config, "n_shared_experts", 0) or 0)
+        if n_shared == 0:
+            return []
+        return gated_mlp_specs(
+            "shared_experts", "mlp.shared_experts", config.hidden_size, config.moe_intermediate_size * n_shared, layer,
+            bias=self._mlp_bias(config),
+        )
+
+    def config_dense_mlp_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        return gated_mlp_specs(
+            "dense_mlp", "mlp", config.hidden_size, config.intermediate_size, layer, bias=self._mlp_bias(config)
+        )
+
+    def kv_cache_values_per_token(self, config: Any, layer: int) -> int:
+        """MLA caches the compressed latent (``kv_lora_rank``) plus the shared rotary key (``qk_rope_head_dim``)
+        per token, not per-head K/V (transformers 5 caches exactly that and expands on the fly)."""
+        return int(config.kv_lora_rank + config.qk_rope_head_dim)
+
+    def kv_cache_layout(self, config: Any) -> str:
+        return f"MLA latent {config.kv_lora_rank} + rope key {config.qk_rope_head_dim} per token and layer"
+
 
 class DeepseekV2Adapter(_DeepseekAdapter):
     """DeepSeek-V2 routing (``DeepseekV2TopkRouter``): softmax over all experts (fp32), then
@@ -67,6 +150,7 @@ class DeepseekV2Adapter(_DeepseekAdapter):
 
     family = "deepseek_v2"
     model_types = ("deepseek_v2",)
+    _mlp_bias_field = True  # DeepseekV2MLP uses bias=config.mlp_bias (dense and shared MLPs)
 
     def route(self, block: nn.Module, hidden: Tensor, router_weight: Tensor | None = None) -> Routing:
         router = block.gate
@@ -94,6 +178,14 @@ class DeepseekV3Adapter(_DeepseekAdapter):
 
     family = "deepseek_v3"
     model_types = ("deepseek_v3",)
+
+    def config_router_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        """The router weight plus its persistent ``e_score_correction_bias`` buffer [E] (saved, not a parameter)."""
+        return [
+            *super().config_router_specs(config, layer),
+            WeightSpec("router", "mlp.gate.e_score_correction_bias", (self.config_num_experts(config),), 1, layer,
+                       parameter=False),
+        ]
 
     def selection_scores(self, block: nn.Module, logits: Tensor) -> Tensor:
         """[T, E] scores the experts are ranked by (before the group restriction)."""

@@ -2,6 +2,8 @@
 ``gate: MixtralTopKRouter`` and fused ``experts: MixtralExperts``)."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .base import MoEAdapter, Routing, softmax_topk
@@ -22,3 +24,11 @@ class MixtralAdapter(MoEAdapter):
         logits = self.router_logits(block, hidden, router_weight)
         weights, indices = softmax_topk(logits.float(), self.top_k(block), normalize=True)
         return Routing(logits=logits, weights=weights, indices=indices)
+
+    # Config fields (parameter inventory): ``num_local_experts`` experts of width ``intermediate_size``; attention
+    # without biases, ``head_dim`` or hidden/heads; every layer is MoE; the defaults cover the rest.
+    def config_num_experts(self, config: Any) -> int:
+        return int(config.num_local_experts)
+
+    def config_expert_intermediate_size(self, config: Any) -> int:
+        return int(config.intermediate_size)

@@ -2,10 +2,12 @@
 PhimoeTopKRouter`` (an ``nn.Linear`` subclass, no bias) and fused ``experts: PhimoeExperts``."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from .base import MoEAdapter, Routing
+from .base import MoEAdapter, Routing, WeightSpec, config_head_dim, linear_specs, norm_specs
 
 
 def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
@@ -46,3 +48,42 @@ class PhimoeAdapter(MoEAdapter):
         w1, i1 = _sparsemixer_pick(logits, logits, eps)
         w2, i2 = _sparsemixer_pick(logits, torch.scatter(logits, -1, i1, float("-inf")), eps)
         return Routing(logits=logits, weights=torch.cat((w1, w2), dim=-1), indices=torch.cat((i1, i2), dim=-1))
+
+    # Config fields (parameter inventory): ``num_local_experts`` experts of width ``intermediate_size``; every
+    # layer is MoE; LayerNorms (weight + bias) instead of RMSNorms; ``attention_bias`` on q/k/v/o and
+    # ``lm_head_bias`` (both true in Phi-3.5-MoE); the router lives at ``mlp.router``.
+    def config_num_experts(self, config: Any) -> int:
+        return int(config.num_local_experts)
+
+    def config_expert_intermediate_size(self, config: Any) -> int:
+        return int(config.intermediate_size)
+
+    def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        hidden, head_dim, bias = config.hidden_size, config_head_dim(config), bool(config.attention_bias)
+        q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        return [
+            *linear_specs("attention", "self_attn.q_proj", q_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.k_proj", kv_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.v_proj", kv_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.o_proj", hidden, q_out, layer, bias=bias),
+        ]
+
+    def config_layer_norm_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        return [
+            *norm_specs("input_layernorm", config.hidden_size, layer, bias=True),
+            *norm_specs("post_attention_layernorm", config.hidden_size, layer, bias=True),
+        ]
+
+    def config_router_specs(self, config: Any, layer: int) -> list[WeightSpec]:
+        return linear_specs(
+            "router", "mlp.router", self.config_num_experts(config), config.hidden_size, layer, quantizable=False
+        )
+
+    def config_final_norm_specs(self, config: Any) -> list[WeightSpec]:
+        return norm_specs("model.norm", config.hidden_size, None, bias=True)
+
+    def config_lm_head_specs(self, config: Any) -> list[WeightSpec]:
+        specs = super().config_lm_head_specs(config)
+        if specs and getattr(config, "lm_head_bias", False):
+            specs.append(WeightSpec("lm_head", "lm_head.bias", (config.vocab_size,)))
+        return specs
