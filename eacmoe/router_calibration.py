@@ -8,9 +8,10 @@ x' its input in the (partially) quantized model, train W' (initialised from W) t
 K wider than the model's top-k matches the experts that matter plus the near misses that shift most easily;
 K = number of experts is plain MSE (the paper's ablation, `qesc-mse`), K = top-k overfits.
 
-The paper gives no optimiser settings. We use full-batch Adam on the router weight only and keep the step with
-the lowest loss on a held-out tenth of the calibration tokens, so too many steps cannot overfit (see
-docs/RESULTS.md for the sweep behind the defaults).
+The paper gives no optimiser settings. We use full-batch Adam (lr 1e-3) on the router weight only, up to 1000
+steps, and keep the step with the lowest loss on a held-out tenth of the calibration tokens, stopping after 100
+steps without improvement, so extra steps cannot overfit. docs/ROUTER_SWEEP.md has the measurement behind
+these defaults (scripts/router_sweep.py).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RouterCalibrationConfig:
     topk: int                 # K of the TopK-MSE loss (number of experts = plain MSE)
-    steps: int = 200
+    steps: int = 1000
     lr: float = 1e-3
+    patience: int = 100       # stop after this many steps without a held-out improvement
     holdout_fraction: float = 0.1
     seed: int = 0
 
@@ -93,5 +95,7 @@ def calibrate_router(router_weight_fp: torch.Tensor, router_input_fp: torch.Tens
         current = heldout_loss(weight.detach())
         if current < best_loss:
             best_loss, best_weight, best_step = current, weight.detach().clone(), step
+        elif step - best_step >= config.patience:
+            break
     log.debug("router calibration: held-out TopK-MSE %.4g -> %.4g (best step %d)", loss_before, best_loss, best_step)
     return RouterCalibrationResult(best_weight.to(router_weight_fp.dtype), loss_before, best_loss, best_step)

@@ -180,6 +180,7 @@ def main() -> None:
         export(model, tokenizer, state, args.export)
         return
 
+    (args.out / "STOP").unlink(missing_ok=True)
     cache = args.out.parent / "token-cache"
     train_tokens, _ = tokenize_split("train", tokenizer, cache)
     val_tokens, val_domains = tokenize_split("validation", tokenizer, cache)
@@ -209,7 +210,8 @@ def main() -> None:
             log.info("step %d lm %.3f balance %.3f lr %.2e %.0f tok/s", state["step"], lm_loss.item(), balance.item(),
                      lr_at(step, args), state["tokens_seen"] / (time.time() - t_start))
         done = state["step"] >= args.total_steps
-        out_of_time = args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60
+        out_of_time = (args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60) \
+            or (args.out / "STOP").exists()  # `touch <out>/STOP`: save a checkpoint and stop cleanly
         if state["step"] % args.eval_every == 0 or done or out_of_time:
             ev = evaluate(model, val_tokens, val_domains, args.seqlen, 64, top_k)
             state["wall_seconds"] = time.time() - t_start
