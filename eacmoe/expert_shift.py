@@ -12,6 +12,9 @@ layer and token we compare the FP stream's top-k experts with the quantized stre
 one of the top-k changed), "any" (at least one changed) and "half" (half or more changed), as EAC-MoE
 defines them. At the end we report perplexity of all four streams and the KL divergence of each stream's
 next-token distribution from the FP model's (more sensitive than perplexity).
+
+Only one FP and one quantized layer are in memory at a time when both come from lazy `LayerSource`s (e.g. the
+checkpoint and the quantizer's progress files); by default they are the two models' own layers.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import MoEAdapter, Routing, get_adapter
-from .pipeline import _first, _kwargs_for, capture_layer_inputs
+from .pipeline import LayerSource, ModelLayers, _first, _kwargs_for, capture_layer_inputs
 
 STREAMS = ("fp/fp", "q/q", "fp/q", "q/fp")
 
@@ -70,16 +73,21 @@ def change_counts(fp_indices: torch.Tensor, q_indices: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def measure_expert_shift(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
-                         device: torch.device | str = "cpu") -> ShiftReport:
-    """Run the four streams (module docstring) over `input_ids` [n, seqlen] and compare them with fp/fp."""
+                         device: torch.device | str = "cpu", fp_layers: LayerSource | None = None,
+                         q_layers: LayerSource | None = None) -> ShiftReport:
+    """Run the four streams (module docstring) over `input_ids` [n, seqlen] and compare them with fp/fp.
+
+    `fp_layers` / `q_layers` replace the models' own decoder layers (the models then only provide embedding, final
+    norm and head, and may be the same skeleton)."""
     device = torch.device(device)
     adapter = get_adapter(fp_model)
-    fp_layers, q_layers = adapter.decoder_layers(fp_model), adapter.decoder_layers(q_model)
+    fp_source = fp_layers if fp_layers is not None else ModelLayers(adapter.decoder_layers(fp_model))
+    q_source = q_layers if q_layers is not None else ModelLayers(adapter.decoder_layers(q_model))
     inputs, layer_kwargs = capture_layer_inputs(fp_model, adapter, input_ids, batch_size, device)
     streams = {name: inputs.clone() for name in STREAMS}
     shift = []
-    for index, (fp_layer, q_layer) in enumerate(zip(fp_layers, q_layers)):
-        fp_layer.to(device); q_layer.to(device)
+    for index in range(len(fp_source)):
+        fp_layer, q_layer = fp_source.load(index).to(device), q_source.load(index).to(device)
         fp_block, q_block = adapter.moe_block(fp_layer), adapter.moe_block(q_layer)
         changed = []
         new = {name: [] for name in STREAMS}
@@ -102,7 +110,7 @@ def measure_expert_shift(fp_model: nn.Module, q_model: nn.Module, input_ids: tor
                 run(q_layer, "q/fp")
             changed.append(change_counts(fp_routing[0].indices, q_routing[0].indices))
         streams = {name: torch.cat(parts) for name, parts in new.items()}
-        fp_layer.to("cpu"); q_layer.to("cpu")
+        fp_source.release(index, fp_layer.to("cpu")); q_source.release(index, q_layer.to("cpu"))
         if changed:
             c = torch.cat(changed).float()
             k = fp_routing[0].indices.shape[-1]

@@ -14,6 +14,10 @@ every earlier layer already quantized). For each decoder layer, in the paper's o
 
 Only the current layer is moved to the compute device. After each layer the progress (quantized layer,
 both streams) is written to `<out>/.progress` so an interrupted run resumes to an identical result.
+
+Layers come from a `LayerSource`: the model's own layers (`ModelLayers`, quantized in place), or, for models too
+large for memory, layers read from the checkpoint one at a time (`lazy_loading.CheckpointLayers`): then the
+quantized layer lives only in the progress directory and is released after it is saved.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,7 +60,7 @@ class QuantizeConfig:
     act_order: bool = False
     damp_percent: float = 0.01
     router_topk: int | None = None       # K of TopK-MSE; None = the adapter's default (8 of 16, 20 of 64)
-    router_steps: int = 200
+    router_steps: int = 1000
     router_lr: float = 1e-3
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
     sparse_expert_policy: str = "pool"
@@ -87,6 +92,60 @@ class LayerReport:
     expert_tokens: list[int] | None = None     # calibration tokens routed to each expert
     sparse_experts: list[int] = field(default_factory=list)  # experts that fell under min_expert_tokens
     gptq_loss: dict[str, float] = field(default_factory=dict)
+
+
+class QuantizedShape(NamedTuple):
+    """What the bits accounting needs of a quantized matrix (kept for all layers even when the codes are not)."""
+    rows: int
+    columns: int
+    bits: int
+    group_size: int
+
+
+class LayerSource(Protocol):
+    """Where decoder layer i comes from and where it goes after use (quantization, evaluation).
+
+    in_memory: True when the layers live in the model (quantized in place, kept); False when each `load` reads a
+    layer into memory and `release` frees it again (lazy loading).
+    """
+    in_memory: bool
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
+class ModelLayers:
+    """The decoder layers of a fully materialised model (the default source)."""
+
+    in_memory = True
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        self.layers[index] = layer.to("cpu")  # off the compute device; the model keeps it
+
+
+def progress_layer_file(progress_dir: Path, index: int) -> Path:
+    return progress_dir / f"layer_{index:04d}.safetensors"
+
+
+def read_progress_layer(progress_dir: Path, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The quantized layer `index` saved with the progress: (its state dict, layer-relative keys in the model's
+    layout; its quantized tensors as written by `quant.serialize.quantized_tensors`)."""
+    tensors = load_file(progress_layer_file(progress_dir, index))
+    state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+    quant = {k.removeprefix("quant."): v for k, v in tensors.items() if k.startswith("quant.")}
+    return state, quant
 
 
 class _StopForward(Exception):
@@ -206,16 +265,24 @@ class LayerwiseQuantizer:
     """Runs QESC (or plain GPTQ / RTN) over a model's decoder layers; see the module docstring."""
 
     def __init__(self, model: nn.Module, config: QuantizeConfig, device: torch.device | str = "cpu",
-                 progress_dir: Path | None = None):
+                 progress_dir: Path | None = None, layer_source: LayerSource | None = None):
+        """`model` may be a skeleton whose decoder layers are on the meta device when `layer_source` reads them
+        lazily; then `progress_dir` is required (the quantized layers are kept there, not in memory)."""
         self.model = model
         self.config = config
         self.device = torch.device(device)
         self.adapter = get_adapter(model)
-        self.layers = self.adapter.decoder_layers(model)
+        self.layers = self.adapter.decoder_layers(model)  # shapes only, when lazy
+        self.source = layer_source if layer_source is not None else ModelLayers(self.layers)
         self.progress_dir = progress_dir
         if len(config.expert_bits) != len(self.layers):
             raise ValueError(f"{len(config.expert_bits)} expert bit widths for {len(self.layers)} layers")
+        if not self.source.in_memory and progress_dir is None:
+            raise ValueError("a lazy layer source needs a progress directory to keep the quantized layers in")
+        # Quantized matrices of the layers in memory (all of them with ModelLayers, none between layers when lazy);
+        # their shapes are kept for every layer.
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.quantized_shapes: dict[str, QuantizedShape] = {}
         self.reports: list[LayerReport] = []
 
     # -- one quantized matrix -------------------------------------------------------------------------
@@ -229,6 +296,7 @@ class LayerwiseQuantizer:
             qw = result.qweight
             report.gptq_loss[name] = float(result.loss)
         self.quantized[name] = qw
+        self.quantized_shapes[name] = QuantizedShape(*qw.codes.shape, qw.bits, qw.group_size)
         return qw.dequantize().to(weight.dtype)
 
     def _quantize_linear_groups(self, prefix: str, groups: list[list[tuple[str, nn.Linear]]], bits: int,
@@ -279,9 +347,11 @@ class LayerwiseQuantizer:
 
     # -- one decoder layer ----------------------------------------------------------------------------
     def quantize_layer(self, index: int, fp_stream: torch.Tensor | None, q_stream: torch.Tensor | None,
-                       layer_kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, LayerReport]:
+                       layer_kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, LayerReport, nn.Module]:
+        """Quantize decoder layer `index` (from the layer source) and advance both streams through it; returns the
+        streams, the report and the quantized layer (on CPU, not yet released to the source)."""
         cfg, adapter, device = self.config, self.adapter, self.device
-        layer = self.layers[index].to(device)
+        layer = self.source.load(index).to(device)
         report = LayerReport(layer=index, expert_bits=cfg.expert_bits[index])
         needs_data = cfg.method != "rtn"
         needs_fp = cfg.method in ("qesc", "qesc-mse")
@@ -334,14 +404,14 @@ class LayerwiseQuantizer:
             t0 = time.perf_counter()
             shared_groups = adapter.shared_experts(block)
             if shared_groups:
-                def run_block():
+                def run_block():  # the shared expert alone (adapter.shared_output), not the routed ones
                     for start in range(0, expert_input.shape[0], cfg.batch_size * 512):
                         try:
                             with torch.no_grad():
-                                block(expert_input[start:start + cfg.batch_size * 512].unsqueeze(0))
+                                adapter.shared_output(block, expert_input[start:start + cfg.batch_size * 512])
                         except _StopForward:
                             pass
-                self._quantize_linear_groups(block_prefix, shared_groups, cfg.expert_bits[index], run_block, report)
+                self._quantize_linear_groups(prefix, shared_groups, cfg.expert_bits[index], run_block, report)
             with torch.no_grad():
                 if needs_data:
                     routing = adapter.route(block, expert_input)
@@ -358,20 +428,21 @@ class LayerwiseQuantizer:
         if needs_fp:
             fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)
         report.seconds["advance"] = time.perf_counter() - t0
-        self.layers[index] = layer.to("cpu")
         del fp_layer
-        return fp_stream, q_stream, report
+        return fp_stream, q_stream, report, layer.to("cpu")
 
     # -- progress (resume) ----------------------------------------------------------------------------
-    def _save_progress(self, index: int, fp_stream, q_stream, fingerprint: str) -> None:
+    def _layer_quantized(self, index: int) -> dict[str, QuantizedWeight]:
+        return {n: qw for n, qw in self.quantized.items() if n.startswith(f"layers.{index}.")}
+
+    def _save_progress(self, index: int, layer: nn.Module, fp_stream, q_stream, fingerprint: str) -> None:
         """Write layer `index`'s quantized tensors and the streams; state.json is replaced last and atomically,
         so a crash at any point leaves the previous consistent state."""
         d = self.progress_dir
         d.mkdir(parents=True, exist_ok=True)
-        layer_tensors = {f"state.{k}": v.contiguous() for k, v in self.layers[index].state_dict().items()}
-        this_layer = {n: qw for n, qw in self.quantized.items() if n.startswith(f"layers.{index}.")}
-        layer_tensors.update({f"quant.{k}": v for k, v in quantized_tensors(this_layer).items()})
-        save_file(layer_tensors, d / f"layer_{index:04d}.safetensors")
+        layer_tensors = {f"state.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+        layer_tensors.update({f"quant.{k}": v for k, v in quantized_tensors(self._layer_quantized(index)).items()})
+        save_file(layer_tensors, progress_layer_file(d, index))
         streams = {k: v.contiguous() for k, v in (("fp", fp_stream), ("q", q_stream)) if v is not None}
         save_file(streams, d / "streams.tmp.safetensors")
         os.replace(d / "streams.tmp.safetensors", d / f"streams_{index:04d}.safetensors")
@@ -391,10 +462,14 @@ class LayerwiseQuantizer:
                              "remove it or drop --resume")
         done = state["completed_layers"]
         for index in range(done):
-            tensors = load_file(d / f"layer_{index:04d}.safetensors")
-            self.layers[index].load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")})
-            self.quantized.update(quantized_from_tensors(
-                {k[len("quant."):]: v for k, v in tensors.items() if k.startswith("quant.")}))
+            layer_state, quant = read_progress_layer(d, index)
+            quantized = quantized_from_tensors(quant)
+            self.quantized_shapes.update({n: QuantizedShape(*qw.codes.shape, qw.bits, qw.group_size)
+                                          for n, qw in quantized.items()})
+            if self.source.in_memory:  # lazily loaded layers stay in the progress directory
+                self.layers[index].load_state_dict(layer_state)
+                self.quantized.update(quantized)
+            del layer_state, quant, quantized
         self.reports = [LayerReport(**r) for r in state["reports"]]
         streams = load_file(d / f"streams_{done - 1:04d}.safetensors")
         log.info("resuming after layer %d of %d", done, len(self.layers))
@@ -420,7 +495,7 @@ class LayerwiseQuantizer:
             del inputs
         for index in tqdm(range(start, len(self.layers)), desc=f"{cfg.method} layers", unit="layer",
                           initial=start, total=len(self.layers)):
-            fp_stream, q_stream, report = self.quantize_layer(index, fp_stream, q_stream, layer_kwargs)
+            fp_stream, q_stream, report, layer = self.quantize_layer(index, fp_stream, q_stream, layer_kwargs)
             self.reports.append(report)
             log.info("layer %d: %s%s", index, {k: round(v, 2) for k, v in report.seconds.items()},
                      f" router TopK-MSE {report.router['loss_before']:.4g} -> {report.router['loss_after']:.4g}"
@@ -429,7 +504,12 @@ class LayerwiseQuantizer:
                 log.info("layer %d: %d experts under the token threshold (%s policy): %s", index,
                          len(report.sparse_experts), cfg.sparse_expert_policy, report.sparse_experts)
             if self.progress_dir is not None:
-                self._save_progress(index, fp_stream, q_stream, fingerprint)
+                self._save_progress(index, layer, fp_stream, q_stream, fingerprint)
+            self.source.release(index, layer)
+            if not self.source.in_memory:  # the progress file holds them now
+                for name in self._layer_quantized(index):
+                    del self.quantized[name]
+            del layer
             if stop_after_layer is not None and index >= stop_after_layer:
                 break
         return self.reports

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (the paper uses 2048)")
     p.add_argument("--router-topk", type=int, default=None,
                    help="K of the TopK-MSE router loss (default: from the model: 8 of 16 experts, 20 of 64, 4 of 8)")
-    p.add_argument("--router-steps", type=int, default=200, help="Adam steps of router calibration")
+    p.add_argument("--router-steps", type=int, default=1000, help="most Adam steps of router calibration (stops early after 100 steps without held-out improvement)")
     p.add_argument("--router-lr", type=float, default=1e-3, help="Adam learning rate of router calibration")
     p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
                    help="an expert that gets fewer calibration tokens than its input width is quantized with the "
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: out/<model>-<method>-w<bits>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="read decoder layers from the checkpoint one at a time instead of loading the whole model, "
+                        "so memory scales with one layer (needs safetensors); default: lazy when the model takes "
+                        "more than 2 GiB in memory")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
                       router_lr=args.router_lr, sparse_expert_policy=args.sparse_expert_policy,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
-                      dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite)
+                      dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                      lazy=args.lazy)
     try:
         report = run_job(job)
     except (JobError, BitsError, CalibrationDataError, UnsupportedModelError) as exc:

@@ -3,6 +3,10 @@
 `python -m eacmoe.quantize` parses its flags into a `QuantizeJob` and calls `run_job`. The output directory
 appears only when complete: everything is written into `<out>.partial/` (which also holds the per-layer
 progress used by --resume) and renamed to `<out>` at the very end.
+
+Models larger than `LAZY_AUTO_BYTES` in memory (or any model with --lazy) are never materialised whole: decoder
+layers are read from the checkpoint one at a time (`lazy_loading`), quantized layers are kept in the progress
+directory, evaluation reads both one layer at a time and the output is written layer by layer.
 """
 from __future__ import annotations
 
@@ -23,11 +27,25 @@ from .assets import resolve_model
 from .calibration import get_calibration_data
 from .expert_shift import measure_expert_shift
 from .heldout import heldout_sequences
-from .pipeline import LayerwiseQuantizer, QuantizeConfig
+from .lazy_loading import (
+    CheckpointLayers,
+    LayerLoader,
+    NonFiniteWeightsError,
+    StoredLayers,
+    as_torch_dtype,
+    estimate_model_bytes,
+    merge_safetensors,
+    save_pretrained_layerwise,
+)
+from .pipeline import LayerwiseQuantizer, QuantizeConfig, progress_layer_file, read_progress_layer
 from .quant.serialize import save_quantized_state
 from .schedule import BitsAccount, parse_expert_bits
 
 log = logging.getLogger(__name__)
+
+# Above this many bytes in memory (at the compute dtype) a model is loaded lazily unless --no-lazy is given: the
+# in-memory path holds the model twice (quantized + FP reference for the evaluation).
+LAZY_AUTO_BYTES = 2 * 1024**3
 
 
 class JobError(ValueError):
@@ -47,7 +65,7 @@ class QuantizeJob:
     nsamples: int = 128
     seqlen: int = 512
     router_topk: int | None = None
-    router_steps: int = 200
+    router_steps: int = 1000
     router_lr: float = 1e-3
     sparse_expert_policy: str = "pool"
     eval_samples: int = 32
@@ -58,6 +76,7 @@ class QuantizeJob:
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
+    lazy: bool | None = None     # None: lazy when the model is larger than LAZY_AUTO_BYTES in memory
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,14 +103,31 @@ def check_writable(out: Path) -> None:
         raise JobError(f"cannot write to {out}: {parent} is not a writable directory")
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str):
-    """Model on CPU (layers move to the device one at a time), eager experts (fast on CPU, exact everywhere)."""
+def load_config(name_or_path: str):
     path = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise JobError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     get_adapter(config)  # unsupported families fail before any weight is read
+    return config
+
+
+def use_lazy_loading(requested: bool | None, config, dtype: torch.dtype | str) -> bool:
+    """--lazy / --no-lazy as given; otherwise lazy when the whole model would not comfortably fit in memory."""
+    if requested is not None:
+        return requested
+    size = estimate_model_bytes(config, as_torch_dtype(dtype, config))
+    lazy = size > LAZY_AUTO_BYTES
+    log.info("model takes %.2f GB in memory: %s", size / 1e9,
+             "lazy loading (one decoder layer at a time)" if lazy else "loaded whole")
+    return lazy
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | str):
+    """Model on CPU (layers move to the device one at a time), eager experts (fast on CPU, exact everywhere)."""
+    path = resolve_model(name_or_path)
+    load_config(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -99,8 +135,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str):
 
 
 def check_weights(model) -> None:
+    """Refuse NaN / Inf weights (lazily loaded layers are on meta here; the loader checks them as it reads them)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():
             raise JobError(f"weight {name} holds NaN or Inf values; refusing to quantize")
 
 
@@ -127,12 +164,16 @@ def check_group_size(quantizer: LayerwiseQuantizer, group_size: int) -> None:
 
 def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
     account = BitsAccount()
-    for qw in quantizer.quantized.values():
-        rows, columns = qw.codes.shape
-        account.add_quantized(rows, columns, qw.bits, qw.group_size)
+    for shape in quantizer.quantized_shapes.values():
+        account.add_quantized(shape.rows, shape.columns, shape.bits, shape.group_size)
     total = sum(p.numel() for p in quantizer.model.parameters())
     account.fp_params = total - account.quantized_params
     return account
+
+
+def _quantized_key(progress_key: str) -> str | None:
+    """Name in quantized_state.safetensors of a progress-file tensor (None: not a quantized tensor)."""
+    return progress_key.removeprefix("quant.") if progress_key.startswith("quant.") else None
 
 
 def run_job(job: QuantizeJob) -> dict:
@@ -148,7 +189,16 @@ def run_job(job: QuantizeJob) -> dict:
     # Everything that can be wrong with the input is checked before anything is written.
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer = load_model(job.model, pick_dtype(job.dtype, device))
+    lazy = use_lazy_loading(job.lazy, load_config(job.model), pick_dtype(job.dtype, device))
+    loader = None
+    if lazy:
+        try:
+            loader = LayerLoader(resolve_model(job.model), pick_dtype(job.dtype, device))
+        except (OSError, ValueError) as exc:
+            raise JobError(f"cannot load model {job.model!r} lazily: {str(exc).splitlines()[0]}") from exc
+        model, tokenizer = loader.model, AutoTokenizer.from_pretrained(loader.directory)
+    else:
+        model, tokenizer = load_model(job.model, pick_dtype(job.dtype, device))
     check_weights(model)
     num_layers = len(get_adapter(model).decoder_layers(model))
     expert_bits = parse_expert_bits(job.bits, num_layers)
@@ -158,7 +208,9 @@ def run_job(job: QuantizeJob) -> dict:
                              group_size=job.group_size, sym=job.sym, act_order=job.act_order,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              sparse_expert_policy=job.sparse_expert_policy, seed=job.seed)
-    quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=partial / ".progress")
+    progress_dir = partial / ".progress"
+    quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,
+                                   layer_source=CheckpointLayers(loader) if lazy else None)
     check_group_size(quantizer, job.group_size)
     calib_ids = get_calibration_data(job.calib, tokenizer, job.nsamples, job.seqlen, seed=job.seed)
     dtype = next(model.parameters()).dtype
@@ -167,10 +219,18 @@ def run_job(job: QuantizeJob) -> dict:
     if not job.resume and partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    # The FP reference for evaluation is a second copy, read before any weight changes.
-    fp_model, _ = load_model(job.model, dtype)
+    # The FP reference for evaluation: a second copy read before any weight changes, or, when lazy, the checkpoint
+    # itself read again layer by layer (the skeleton's embedding, norm and head are never quantized).
+    if lazy:
+        quantized_layers = StoredLayers(loader, lambda i: read_progress_layer(progress_dir, i)[0])
+        fp_model, eval_sources = model, {"fp_layers": CheckpointLayers(loader), "q_layers": quantized_layers}
+    else:
+        fp_model, eval_sources = load_model(job.model, dtype)[0], {}
     t0 = time.perf_counter()
-    layer_reports = quantizer.run(calib_ids, resume=job.resume)
+    try:
+        layer_reports = quantizer.run(calib_ids, resume=job.resume)
+    except NonFiniteWeightsError as exc:
+        raise JobError(str(exc)) from exc
     timings["quantize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -181,14 +241,19 @@ def run_job(job: QuantizeJob) -> dict:
             log.warning("held-out source %s is not available; skipped", source)
             continue
         evaluation[source] = measure_expert_shift(fp_model, model, ids, batch_size=qconfig.batch_size,
-                                                  device=device).to_dict()
+                                                  device=device, **eval_sources).to_dict()
     timings["evaluate"] = time.perf_counter() - t0
 
     account = bits_account(quantizer)
     t0 = time.perf_counter()
-    model.save_pretrained(partial, safe_serialization=True)
+    if lazy:  # never the whole model in memory: layer by layer from the progress files
+        save_pretrained_layerwise(loader, lambda i: read_progress_layer(progress_dir, i)[0], partial)
+        merge_safetensors([(progress_layer_file(progress_dir, i), _quantized_key) for i in range(num_layers)],
+                          partial / "quantized_state.safetensors")
+    else:
+        model.save_pretrained(partial, safe_serialization=True)
+        save_quantized_state(quantizer.quantized, partial / "quantized_state.safetensors")
     tokenizer.save_pretrained(partial)
-    save_quantized_state(quantizer.quantized, partial / "quantized_state.safetensors")
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     seconds_by_stage: dict[str, float] = {}
@@ -196,7 +261,8 @@ def run_job(job: QuantizeJob) -> dict:
         for k, v in r.seconds.items():
             seconds_by_stage[k] = seconds_by_stage.get(k, 0.0) + v
     report = {
-        "model": job.model, "job": asdict(job), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "model": job.model, "job": asdict(job), "lazy_loading": lazy, "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
         "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
         "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,

@@ -1,0 +1,213 @@
+"""Lazy, layer-at-a-time loading: bit-identical to from_pretrained, and a lazy quantization run equals an
+in-memory one (weights, quantized state, evaluation, output loadable with from_pretrained)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+from eacmoe import workflow
+from eacmoe.assets import TOKENIZER_DIR
+from eacmoe.lazy_loading import CheckpointLayers, LayerLoader, checkpoint_files, merge_safetensors
+from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig, progress_layer_file, read_progress_layer
+from eacmoe.quantize import build_parser
+from eacmoe.workflow import JobError, QuantizeJob, run_job
+from tiny_models import FAMILY_NAMES, VOCAB, build
+
+torch.set_num_threads(1)
+
+
+def save(model, path: Path, sharded: bool = False) -> Path:
+    model.save_pretrained(path, max_shard_size="100KB" if sharded else "50GB")
+    return path
+
+
+def all_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in checkpoint_files(directory):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# -- materialisation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_layers_identical_to_from_pretrained(name: str, sharded: bool, tmp_path: Path) -> None:
+    model, _ = build(name)
+    path = save(model, tmp_path / name, sharded)
+    keys = all_checkpoint_tensors(path).keys()
+    # save_pretrained wrote the legacy per-expert layout, so the loader really had to fuse experts
+    legacy = "block_sparse_moe.experts.0.w1.weight" if name == "mixtral" else "mlp.experts.0.gate_proj.weight"
+    assert any(k.endswith(legacy) for k in keys) and not any("gate_up_proj" in k for k in keys)
+    assert (len(checkpoint_files(path)) > 1) == sharded
+
+    loader = LayerLoader(path, torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    for i in range(loader.num_layers):
+        layer = loader.load(i)
+        assert_same_state(layer.state_dict(), reference.model.layers[i].state_dict())
+        loader.release(layer)
+        assert all(p.is_meta for p in layer.parameters())
+    # outside the layers everything is real and identical, rotary buffers included; the layers stay on meta
+    buffers = dict(reference.named_buffers())
+    for key, value in list(loader.model.state_dict().items()) + list(loader.model.named_buffers()):
+        if key.startswith("model.layers."):
+            assert value.is_meta, key
+        else:
+            assert torch.equal(value, reference.state_dict().get(key, buffers.get(key))), key
+
+
+@pytest.mark.parametrize("name", sorted(set(FAMILY_NAMES) - {"mixtral", "qwen2_moe"}))
+def test_other_families_identical(name: str, tmp_path: Path) -> None:
+    model, _ = build(name)
+    path = save(model, tmp_path / name)
+    loader = LayerLoader(path, torch.float32)
+    for i, ref_layer in enumerate(model.model.layers):
+        assert_same_state(loader.load(i).state_dict(), ref_layer.state_dict())
+
+
+def test_tied_embeddings_and_bf16_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, tie_word_embeddings=True)
+    path = save(MixtralForCausalLM(cfg).to(torch.bfloat16), tmp_path / "tied")
+    loader = LayerLoader(path, torch.float32)
+    assert loader.model.lm_head.weight is loader.model.model.embed_tokens.weight
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert torch.equal(loader.model.lm_head.weight, reference.lm_head.weight)
+    assert_same_state(loader.load(1).state_dict(), reference.model.layers[1].state_dict())
+    assert "lm_head.weight" not in loader.non_layer_checkpoint_tensors()  # save_pretrained drops tied copies
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_written_back_in_checkpoint_layout(name: str, tmp_path: Path) -> None:
+    """checkpoint_tensors undoes the expert fusion exactly as save_pretrained does."""
+    model, _ = build(name)
+    path = save(model, tmp_path / name)
+    on_disk = all_checkpoint_tensors(path)
+    loader = LayerLoader(path, torch.float32)
+    written = loader.non_layer_checkpoint_tensors()
+    for i in range(loader.num_layers):
+        written.update(loader.checkpoint_tensors(i, loader.load(i).state_dict()))
+    assert_same_state(written, on_disk)
+
+
+def test_merge_safetensors(tmp_path: Path) -> None:
+    a = {"x": torch.randn(3, 5), "y": torch.arange(7, dtype=torch.int32), "skip": torch.zeros(2)}
+    b = {"z": torch.randn(4, 2).to(torch.bfloat16), "u": torch.randint(0, 255, (3, 3), dtype=torch.uint8),
+         "s": torch.tensor(2.5)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    merge_safetensors([(tmp_path / "a.safetensors", lambda k: None if k == "skip" else f"a.{k}"),
+                       (tmp_path / "b.safetensors", lambda k: f"b.{k}")], tmp_path / "m.safetensors",
+                      metadata={"format": "pt"})
+    merged = load_file(tmp_path / "m.safetensors")
+    expected = {f"a.{k}": v for k, v in a.items() if k != "skip"} | {f"b.{k}": v for k, v in b.items()}
+    assert_same_state(merged, expected)
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+# -- quantization -------------------------------------------------------------------------------------
+def calib_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def quantize_config(n_layers: int) -> QuantizeConfig:
+    return QuantizeConfig(expert_bits=[2] * n_layers, method="qesc", group_size=8, router_steps=10, batch_size=2)
+
+
+def lazy_quantizer(path: Path, progress: Path) -> LayerwiseQuantizer:
+    loader = LayerLoader(path, torch.float32)
+    return LayerwiseQuantizer(loader.model, quantize_config(loader.num_layers), progress_dir=progress,
+                              layer_source=CheckpointLayers(loader))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_lazy_quantizer_equals_in_memory_and_resumes(name: str, tmp_path: Path) -> None:
+    model, _ = build(name)
+    path = save(model, tmp_path / "ckpt", sharded=True)
+    in_memory = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    reference = LayerwiseQuantizer(in_memory, quantize_config(len(in_memory.model.layers)))
+    reference.run(calib_ids())
+
+    full = lazy_quantizer(path, tmp_path / "full")
+    full.run(calib_ids())
+    assert not full.quantized  # nothing kept in memory between layers
+    assert all(p.is_meta for p in full.layers.parameters())
+    assert full.quantized_shapes == reference.quantized_shapes
+    for i, layer in enumerate(in_memory.model.layers):
+        state, _ = read_progress_layer(tmp_path / "full", i)
+        assert_same_state(state, layer.state_dict())
+
+    lazy_quantizer(path, tmp_path / "resumed").run(calib_ids(), stop_after_layer=0)  # "crash" after layer 0
+    resumed = lazy_quantizer(path, tmp_path / "resumed")
+    resumed.run(calib_ids(), resume=True)
+    assert [r.layer for r in resumed.reports] == list(range(len(in_memory.model.layers)))
+    assert resumed.quantized_shapes == reference.quantized_shapes
+    for i in range(len(in_memory.model.layers)):
+        assert_same_state(load_file(progress_layer_file(tmp_path / "resumed", i)),
+                          load_file(progress_layer_file(tmp_path / "full", i)))
+
+
+def tiny_job_checkpoint(path: Path, nan_in_layer: int | None = None) -> Path:
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=8192, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                        num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg)
+    if nan_in_layer is not None:
+        with torch.no_grad():
+            model.model.layers[nan_in_layer].mlp.experts.down_proj[1, 0, 0] = float("nan")
+    save(model, path)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+FAST_JOB = dict(nsamples=4, seqlen=32, eval_samples=2, eval_seqlen=32, group_size=32, router_steps=5)
+
+
+def test_lazy_flag() -> None:
+    assert build_parser().parse_args([]).lazy is None  # decided by size
+    assert build_parser().parse_args(["--lazy"]).lazy is True
+    assert build_parser().parse_args(["--no-lazy"]).lazy is False
+
+
+def test_lazy_job_refuses_nan_weights(tmp_path: Path) -> None:
+    path = tiny_job_checkpoint(tmp_path / "nan", nan_in_layer=1)
+    with pytest.raises(JobError, match="NaN"):
+        run_job(QuantizeJob(model=str(path), **FAST_JOB, out=str(tmp_path / "o"), lazy=True))
+    assert not (tmp_path / "o").exists()
+
+
+def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny_job_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(workflow, "LAZY_AUTO_BYTES", 0)  # lazy=None: every model counts as large
+    reports = {lazy: run_job(QuantizeJob(model=str(path), **FAST_JOB, out=str(tmp_path / f"lazy-{lazy}"), lazy=lazy))
+               for lazy in (False, None)}
+    reports[True] = reports.pop(None)
+    eager_out, lazy_out = tmp_path / "lazy-False", tmp_path / "lazy-None"
+
+    assert reports[True]["lazy_loading"] and not reports[False]["lazy_loading"]
+    assert reports[True]["evaluation"] == reports[False]["evaluation"]
+    assert reports[True]["average_bits_true"] == reports[False]["average_bits_true"]
+    assert_same_state(all_checkpoint_tensors(lazy_out), all_checkpoint_tensors(eager_out))
+    assert_same_state(load_file(lazy_out / "quantized_state.safetensors"),
+                      load_file(eager_out / "quantized_state.safetensors"))
+    assert json.loads((lazy_out / "config.json").read_text()) == json.loads((eager_out / "config.json").read_text())
+    assert {p.name for p in eager_out.iterdir()} - {"model.safetensors"} <= {p.name for p in lazy_out.iterdir()}
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(lazy_out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert_same_state(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(eager_out).state_dict())
