@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="bundled",
                    help="calibration text: bundled, wikitext2, c4 (online only) or a .txt/.jsonl path")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (the paper uses 2048)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration sequence (default: the model's context, at most 2048 as in the paper)")
     p.add_argument("--router-topk", type=int, default=None,
                    help="K of the TopK-MSE router loss (default: from the model: 8 of 16 experts, 20 of 64, 4 of 8)")
     p.add_argument("--router-steps", type=int, default=1000, help="most Adam steps of router calibration (stops early after 100 steps without held-out improvement)")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an expert that gets fewer calibration tokens than its input width is quantized with the "
                         "layer's pooled tokens (pool) or round-to-nearest (rtn); counted in the log")
     p.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for the final evaluation")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out sequence")
+    p.add_argument("--eval-seqlen", type=int, default=None,
+                   help="tokens per held-out sequence (default: the model's context, at most 512)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto = float32 on CPU, the model's dtype on GPU")

@@ -63,13 +63,13 @@ class QuantizeJob:
     act_order: bool = False
     calib: str = "bundled"
     nsamples: int = 128
-    seqlen: int = 512
+    seqlen: int | None = None         # None: the model's context, at most 2048 (the paper's length)
     router_topk: int | None = None
     router_steps: int = 1000
     router_lr: float = 1e-3
     sparse_expert_policy: str = "pool"
     eval_samples: int = 32
-    eval_seqlen: int = 512
+    eval_seqlen: int | None = None    # None: the model's context, at most 512
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -212,6 +212,9 @@ def run_job(job: QuantizeJob) -> dict:
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,
                                    layer_source=CheckpointLayers(loader) if lazy else None)
     check_group_size(quantizer, job.group_size)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    job.seqlen = job.seqlen or min(2048, context)
+    job.eval_seqlen = job.eval_seqlen or min(512, context)
     calib_ids = get_calibration_data(job.calib, tokenizer, job.nsamples, job.seqlen, seed=job.seed)
     dtype = next(model.parameters()).dtype
     timings["load"] = time.perf_counter() - t0

@@ -138,9 +138,9 @@ def main() -> None:
                     help="experts: attention stays FP; attn4: attention 4-bit too")
     ap.add_argument("--group-size", type=int, default=128, help="GPTQ group size")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    ap.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
+    ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (the bundled models' context)")
     ap.add_argument("--eval-samples", type=int, default=64, help="held-out sequences per source")
-    ap.add_argument("--eval-seqlen", type=int, default=512, help="held-out sequence length")
+    ap.add_argument("--eval-seqlen", type=int, default=256, help="held-out sequence length (the bundled models' context)")
     ap.add_argument("--suite-limit", type=float, default=None,
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")

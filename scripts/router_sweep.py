@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-mixtral", help="bundled name or path")
     ap.add_argument("--bits", default="2", help="expert bits of the recording run")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    ap.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
+    ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (the bundled models' context)")
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2], help="Adam learning rates")
     ap.add_argument("--steps", nargs="+", type=int, default=[50, 200, 1000], help="Adam steps")
     ap.add_argument("--ks", nargs="+", type=int, default=None, help="TopK-MSE K values (default: the model's default)")

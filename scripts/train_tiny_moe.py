@@ -229,6 +229,8 @@ def main() -> None:
 def export(model, tokenizer, state: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
+    # the context the model was trained on: lm-eval and eacmoe size their windows from this field
+    model.config.max_position_embeddings = int(state["args"]["seqlen"])
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "training_log.json").write_text(json.dumps(state, indent=1) + "\n")
