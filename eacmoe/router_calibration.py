@@ -30,6 +30,7 @@ class RouterCalibrationConfig:
     steps: int = 1000
     lr: float = 1e-3
     patience: int = 100       # stop after this many steps without a held-out improvement
+    max_tokens: int = 32768   # a seeded subset beyond this: the router has only E x H weights to fit
     holdout_fraction: float = 0.1
     seed: int = 0
 
@@ -70,7 +71,8 @@ def calibrate_router(router_weight_fp: torch.Tensor, router_input_fp: torch.Tens
 
     n_tokens = x_q.shape[0]
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(n_tokens, generator=generator).to(device)
+    order = torch.randperm(n_tokens, generator=generator).to(device)[: config.max_tokens]
+    n_tokens = order.numel()
     n_holdout = int(n_tokens * config.holdout_fraction) if n_tokens >= 10 else 0
     hold, train = order[:n_holdout], order[n_holdout:]
     if n_holdout == 0:  # too few tokens to hold any out: select on the training loss

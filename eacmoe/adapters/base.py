@@ -349,28 +349,39 @@ class MoEAdapter(ABC):
         """Whether decoder layer ``layer`` holds the sparse MoE block (else a dense MLP)."""
         return True
 
+    # Families differ here only in biases and the router's attribute name (PhiMoE overrides these three).
+    config_router_name = "mlp.gate"
+
+    def config_attention_bias(self, config: Any) -> bool:
+        return False
+
+    def config_norm_bias(self, config: Any) -> bool:
+        return False
+
     def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
-        """Standard (grouped-query) attention: q/k/v/o without biases."""
-        hidden, head_dim = config.hidden_size, config_head_dim(config)
+        """Standard (grouped-query) attention: q/k/v/o, biased if the family says so."""
+        hidden, head_dim, bias = config.hidden_size, config_head_dim(config), self.config_attention_bias(config)
         q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
         return [
-            *linear_specs("attention", "self_attn.q_proj", q_out, hidden, layer),
-            *linear_specs("attention", "self_attn.k_proj", kv_out, hidden, layer),
-            *linear_specs("attention", "self_attn.v_proj", kv_out, hidden, layer),
-            *linear_specs("attention", "self_attn.o_proj", hidden, q_out, layer),
+            *linear_specs("attention", "self_attn.q_proj", q_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.k_proj", kv_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.v_proj", kv_out, hidden, layer, bias=bias),
+            *linear_specs("attention", "self_attn.o_proj", hidden, q_out, layer, bias=bias),
         ]
 
     def config_layer_norm_specs(self, config: Any, layer: int) -> list[WeightSpec]:
-        """The two per-layer RMSNorms (input and post-attention)."""
+        """The two per-layer norms (input and post-attention)."""
+        bias = self.config_norm_bias(config)
         return [
-            *norm_specs("input_layernorm", config.hidden_size, layer),
-            *norm_specs("post_attention_layernorm", config.hidden_size, layer),
+            *norm_specs("input_layernorm", config.hidden_size, layer, bias=bias),
+            *norm_specs("post_attention_layernorm", config.hidden_size, layer, bias=bias),
         ]
 
     def config_router_specs(self, config: Any, layer: int) -> list[WeightSpec]:
         """The router weight [E, H] (never quantized)."""
         return linear_specs(
-            "router", "mlp.gate", self.config_num_experts(config), config.hidden_size, layer, quantizable=False
+            "router", self.config_router_name, self.config_num_experts(config), config.hidden_size, layer,
+            quantizable=False,
         )
 
     def config_routed_expert_specs(self, config: Any, layer: int) -> list[WeightSpec]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import MoEAdapter, Routing, WeightSpec, config_head_dim, linear_specs, norm_specs
+from .base import MoEAdapter, Routing, WeightSpec, norm_specs
 
 
 def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
@@ -58,26 +58,13 @@ class PhimoeAdapter(MoEAdapter):
     def config_expert_intermediate_size(self, config: Any) -> int:
         return int(config.intermediate_size)
 
-    def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
-        hidden, head_dim, bias = config.hidden_size, config_head_dim(config), bool(config.attention_bias)
-        q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        return [
-            *linear_specs("attention", "self_attn.q_proj", q_out, hidden, layer, bias=bias),
-            *linear_specs("attention", "self_attn.k_proj", kv_out, hidden, layer, bias=bias),
-            *linear_specs("attention", "self_attn.v_proj", kv_out, hidden, layer, bias=bias),
-            *linear_specs("attention", "self_attn.o_proj", hidden, q_out, layer, bias=bias),
-        ]
+    config_router_name = "mlp.router"
 
-    def config_layer_norm_specs(self, config: Any, layer: int) -> list[WeightSpec]:
-        return [
-            *norm_specs("input_layernorm", config.hidden_size, layer, bias=True),
-            *norm_specs("post_attention_layernorm", config.hidden_size, layer, bias=True),
-        ]
+    def config_attention_bias(self, config: Any) -> bool:
+        return bool(config.attention_bias)
 
-    def config_router_specs(self, config: Any, layer: int) -> list[WeightSpec]:
-        return linear_specs(
-            "router", "mlp.router", self.config_num_experts(config), config.hidden_size, layer, quantizable=False
-        )
+    def config_norm_bias(self, config: Any) -> bool:
+        return True  # PhiMoE uses LayerNorm with bias
 
     def config_final_norm_specs(self, config: Any) -> list[WeightSpec]:
         return norm_specs("model.norm", config.hidden_size, None, bias=True)
