@@ -152,6 +152,9 @@ def main() -> None:
                     help="bf16 autocast for the forward (master weights stay fp32; default: on)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start a new run (fresh optimizer, new schedule) from an exported model directory, e.g. to "
+                         "continue a bundled model (pass a new --seed so the batches differ); its training_log.json is carried on")
     ap.add_argument("--export", type=Path, default=None, help="write the bf16 model + tokenizer here and exit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -172,6 +175,15 @@ def main() -> None:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt"))
         state = json.loads((ckpt / "state.json").read_text())
         log.info("resumed at step %d (%d tokens)", state["step"], state["tokens_seen"])
+    elif args.init_from:
+        init = type(model).from_pretrained(args.init_from, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        previous = json.loads((args.init_from / "training_log.json").read_text())
+        state.update(tokens_seen=previous["tokens_seen"], wall_seconds=previous["wall_seconds"],
+                     history=previous["history"], sessions=previous.get("sessions", []),
+                     initialised_from={"path": str(args.init_from), "step": previous["step"]})
+        log.info("initialised from %s (%d tokens seen); new schedule from step 0", args.init_from,
+                 state["tokens_seen"])
     if not args.export:  # every (re)start records its own arguments: schedules may change between sessions
         state.setdefault("sessions", []).append({"from_step": state["step"],
                                                  "args": {k: str(v) for k, v in vars(args).items()}})
