@@ -53,7 +53,16 @@ def _qwen_attention_specs(config: Any, layer: int, qkv_bias: bool, o_bias: bool)
 
 
 class _QwenRoutingMixin:
-    """Routing rule shared by Qwen2-MoE and Qwen3-MoE (and identical to OLMoE's)."""
+    """Routing rule and config fields shared by Qwen2-MoE and Qwen3-MoE (the rule is identical to OLMoE's)."""
+
+    def config_num_experts(self, config: Any) -> int:
+        return int(config.num_experts)
+
+    def config_expert_intermediate_size(self, config: Any) -> int:
+        return int(config.moe_intermediate_size)
+
+    def config_is_moe_layer(self, config: Any, layer: int) -> bool:
+        return _qwen_is_moe_layer(config, layer)
 
     def route(self, block: nn.Module, hidden: Tensor, router_weight: Tensor | None = None) -> Routing:
         router = block.gate
@@ -78,15 +87,6 @@ class Qwen2MoeAdapter(_QwenRoutingMixin, MoEAdapter):
     # Config fields (parameter inventory): ``num_experts`` experts of width ``moe_intermediate_size``; dense
     # layers (``mlp_only_layers`` / ``decoder_sparse_step``) ``intermediate_size`` wide; one shared expert
     # ``shared_expert_intermediate_size`` wide plus its [1, H] gate; ``qkv_bias`` on q/k/v (not o).
-    def config_num_experts(self, config: Any) -> int:
-        return int(config.num_experts)
-
-    def config_expert_intermediate_size(self, config: Any) -> int:
-        return int(config.moe_intermediate_size)
-
-    def config_is_moe_layer(self, config: Any, layer: int) -> bool:
-        return _qwen_is_moe_layer(config, layer)
-
     def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
         return _qwen_attention_specs(config, layer, qkv_bias=bool(config.qkv_bias), o_bias=False)
 
@@ -107,15 +107,6 @@ class Qwen3MoeAdapter(_QwenRoutingMixin, MoEAdapter):
 
     # Config fields (parameter inventory): ``num_experts`` experts of width ``moe_intermediate_size``; dense
     # layers as in Qwen2-MoE; ``attention_bias`` on q/k/v/o; per-head q_norm/k_norm (``head_dim`` wide).
-    def config_num_experts(self, config: Any) -> int:
-        return int(config.num_experts)
-
-    def config_expert_intermediate_size(self, config: Any) -> int:
-        return int(config.moe_intermediate_size)
-
-    def config_is_moe_layer(self, config: Any, layer: int) -> bool:
-        return _qwen_is_moe_layer(config, layer)
-
     def config_attention_specs(self, config: Any, layer: int) -> list[WeightSpec]:
         bias = bool(config.attention_bias)
         head_dim = config_head_dim(config)
