@@ -120,8 +120,9 @@ def measure_expert_shift(fp_model: nn.Module, q_model: nn.Module, input_ids: tor
     nll = {name: 0.0 for name in STREAMS}
     kl = {name: 0.0 for name in STREAMS if name != "fp/fp"}
     count = 0
-    for name_model, names in ((fp_model, ("fp/fp", "fp/q")), (q_model, ("q/q", "q/fp"))):
-        adapter.final_norm(name_model).to(device); name_model.get_output_embeddings().to(device)
+    for model in (fp_model, q_model):  # the head of each model, for its two streams
+        adapter.final_norm(model).to(device)
+        model.get_output_embeddings().to(device)
     for start in range(0, input_ids.shape[0], batch_size):
         targets = input_ids[start:start + batch_size, 1:].to(device).flatten()
         logprobs = {}

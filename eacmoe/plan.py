@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import MoEAdapter, UnsupportedModelError, get_adapter
-from .adapters.base import COMPONENTS, QUANTIZABLE_COMPONENTS, WeightSpec
+from .adapters.base import COMPONENTS, WeightSpec
 from .assets import ASSETS_DIR
 from .schedule import ALLOWED_BITS, BitsError, parse_expert_bits
 

@@ -518,7 +518,7 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
             f"selections of the layer (uniform = 1/{E} = {uniform:.1f}%). *Specialisation* is the Jensen-Shannon "
             f"divergence (bits, 0 = same usage as overall, 1 = disjoint experts) between each domain's usage "
             f"distribution and the overall one, averaged over the {int((usage_counts[0].sum(1) > 0).sum())} domains.", "",
-            f"*Starved* experts get less than 1/4 of the uniform share, *dead* ones nothing.", "",
+            "*Starved* experts get less than 1/4 of the uniform share, *dead* ones nothing.", "",
             f"**Balance:** the least-used expert of any layer gets {fmt_share(worst_min['min_share'])} "
             f"(layer {layer_ids[summary.index(worst_min)]}, expert {worst_min['argmin']}), the most-used "
             f"{fmt_share(worst_max['max_share'])} (layer {layer_ids[summary.index(worst_max)]}, expert "
