@@ -1,6 +1,7 @@
 """Held-out token windows for the quick evaluation of a quantization run (perplexity, KL, expert shift).
 
 `bundled-test`: the test split of the bundled corpus (documents in file order, joined with eos);
+`bundled-test:<domain>`: the same, one domain only (sotu, brown, shakespeare, pydoc);
 `wikitext2`: WikiText-2 test, lines joined as GPTQ's evaluation does (local copy offline, the hub online).
 The windows are spread evenly over the whole text, so every domain is represented.
 """
@@ -30,9 +31,12 @@ def _wikitext2_test_text() -> str | None:
 
 def heldout_sequences(source: str, tokenizer, nsamples: int, seqlen: int) -> torch.Tensor | None:
     """[nsamples, seqlen] token windows of `source`, or None when the source cannot be read here."""
-    if source == "bundled-test":
+    if source == "bundled-test" or source.startswith("bundled-test:"):
         eos = tokenizer.eos_token or ""
-        text = eos.join(d["text"] for d in iter_documents("test"))
+        domains = (source.partition(":")[2],) if ":" in source else None
+        text = eos.join(d["text"] for d in iter_documents("test", domains))
+        if not text:
+            raise ValueError(f"no test documents for {source!r}")
     elif source == "wikitext2":
         text = _wikitext2_test_text()
         if text is None:

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto = float32 on CPU, the model's dtype on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and router calibration")
     p.add_argument("--out", default=None, help="output directory (default: out/<model>-<method>-w<bits>)")
+    p.add_argument("--format", choices=("packed", "gptq", "dequantized"), default="packed",
+                   help="packed: low-bit weights + the runtime code, loaded with "
+                        "AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True) or lm_eval "
+                        "(pretrained=out,trust_remote_code=True); gptq: GPTQModel's checkpoint layout (format gptq, "
+                        "per-expert names) for GPTQModel and vLLM; dequantized: the quantized values as ordinary "
+                        "weights in the checkpoint's dtype, for any tool")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                       router_lr=args.router_lr, sparse_expert_policy=args.sparse_expert_policy,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      lazy=args.lazy)
+                      lazy=args.lazy, format=args.format)
     try:
         report = run_job(job)
     except (JobError, BitsError, CalibrationDataError, UnsupportedModelError) as exc:

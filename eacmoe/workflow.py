@@ -34,11 +34,11 @@ from .lazy_loading import (
     StoredLayers,
     as_torch_dtype,
     estimate_model_bytes,
-    merge_safetensors,
     save_pretrained_layerwise,
 )
-from .pipeline import LayerwiseQuantizer, QuantizeConfig, progress_layer_file, read_progress_layer
-from .quant.serialize import save_quantized_state
+from .export import EXPORT_FORMATS, LayerToExport, export_model, in_memory_layers, layer_quantized, non_layer_state
+from .pipeline import LayerwiseQuantizer, QuantizeConfig, read_progress_layer
+from .quant.serialize import quantized_from_tensors
 from .schedule import BitsAccount, parse_expert_bits
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class QuantizeJob:
     resume: bool = False
     overwrite: bool = False
     lazy: bool | None = None     # None: lazy when the model is larger than LAZY_AUTO_BYTES in memory
+    format: str = "packed"       # packed | gptq | dequantized, see eacmoe.export
 
 
 def pick_device(name: str) -> torch.device:
@@ -171,9 +172,45 @@ def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
     return account
 
 
-def _quantized_key(progress_key: str) -> str | None:
-    """Name in quantized_state.safetensors of a progress-file tensor (None: not a quantized tensor)."""
-    return progress_key.removeprefix("quant.") if progress_key.startswith("quant.") else None
+def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAccount) -> dict:
+    """What config.json records about how the checkpoint was made (nothing run-specific such as paths)."""
+    return {
+        "tool": "eacmoe", "source_model": job.model, "method": job.method, "expert_bits": list(qconfig.expert_bits),
+        "attn_bits": job.attn_bits, "group_size": job.group_size, "sym": job.sym, "act_order": job.act_order,
+        "scale_dtype": "float16", "average_bits_paper": account.paper_average_bits,
+        "average_bits_true": account.true_average_bits,
+        "calibration": {"source": job.calib, "nsamples": job.nsamples, "seqlen": job.seqlen, "seed": job.seed},
+        "router_calibration": ({"loss": "topk-mse" if job.method == "qesc" else "mse", "topk": job.router_topk,
+                                "max_steps": job.router_steps, "lr": job.router_lr}
+                               if job.method in ("qesc", "qesc-mse") else None),
+        "sparse_expert_policy": job.sparse_expert_policy,
+    }
+
+
+def write_checkpoint(job: QuantizeJob, partial: Path, model, tokenizer, quantizer: LayerwiseQuantizer,
+                     loader: LayerLoader | None, metadata: dict, storage_dtype: torch.dtype) -> None:
+    """The output checkpoint in `job.format`; layer by layer from the progress files when lazily loaded."""
+    progress_dir = partial / ".progress"
+    if job.format == "dequantized":
+        if loader is not None:
+            def read_state(i):
+                return {k: _as_dtype(v, storage_dtype) for k, v in read_progress_layer(progress_dir, i)[0].items()}
+            save_pretrained_layerwise(loader, read_state, partial)
+        else:
+            model.to(storage_dtype).save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        return
+    def from_progress():
+        for i in range(loader.num_layers):
+            state, quant = read_progress_layer(progress_dir, i)
+            yield LayerToExport(i, loader.load_state(i, state), layer_quantized(quantized_from_tensors(quant), i))
+
+    layers = from_progress() if loader is not None else in_memory_layers(model, quantizer.quantized)
+    export_model(partial, job.format, model, layers, non_layer_state(model), tokenizer, metadata, storage_dtype)
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def run_job(job: QuantizeJob) -> dict:
@@ -182,6 +219,8 @@ def run_job(job: QuantizeJob) -> dict:
     device = pick_device(job.device)
     out = Path(job.out) if job.out else Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{job.bits}"
     partial = out.with_name(out.name + ".partial")
+    if job.format not in EXPORT_FORMATS:
+        raise JobError(f"--format must be one of {', '.join(EXPORT_FORMATS)} (got {job.format!r})")
     if out.exists() and not job.overwrite:
         raise JobError(f"output directory {out} already exists; pass --overwrite to replace it")
     check_writable(out)
@@ -189,7 +228,9 @@ def run_job(job: QuantizeJob) -> dict:
     # Everything that can be wrong with the input is checked before anything is written.
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    lazy = use_lazy_loading(job.lazy, load_config(job.model), pick_dtype(job.dtype, device))
+    source_config = load_config(job.model)
+    storage_dtype = as_torch_dtype(None, source_config)  # the checkpoint's own dtype, for what stays unquantized
+    lazy = use_lazy_loading(job.lazy, source_config, pick_dtype(job.dtype, device))
     loader = None
     if lazy:
         try:
@@ -249,14 +290,8 @@ def run_job(job: QuantizeJob) -> dict:
 
     account = bits_account(quantizer)
     t0 = time.perf_counter()
-    if lazy:  # never the whole model in memory: layer by layer from the progress files
-        save_pretrained_layerwise(loader, lambda i: read_progress_layer(progress_dir, i)[0], partial)
-        merge_safetensors([(progress_layer_file(progress_dir, i), _quantized_key) for i in range(num_layers)],
-                          partial / "quantized_state.safetensors")
-    else:
-        model.save_pretrained(partial, safe_serialization=True)
-        save_quantized_state(quantizer.quantized, partial / "quantized_state.safetensors")
-    tokenizer.save_pretrained(partial)
+    write_checkpoint(job, partial, model, tokenizer, quantizer, loader if lazy else None,
+                     export_metadata(job, qconfig, account), storage_dtype)
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     seconds_by_stage: dict[str, float] = {}
@@ -266,7 +301,7 @@ def run_job(job: QuantizeJob) -> dict:
     report = {
         "model": job.model, "job": asdict(job), "lazy_loading": lazy, "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
+        "format": job.format, "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
         "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
         "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,
         "layers": [asdict(r) for r in layer_reports],

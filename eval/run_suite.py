@@ -39,13 +39,22 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 # ------------------------------------------------------------------------------------------------ running
+def is_eacmoe_export(model_dir: str) -> bool:
+    """A packed eacmoe export (config.json ``model_type: eacmoe``), run through its own remote code."""
+    config_path = Path(model_dir) / "config.json"
+    return config_path.exists() and json.loads(config_path.read_text()).get("model_type") == "eacmoe"
+
+
 def lm_eval_command(
     model_dir: str, tasks: str = SUITE, limit: float | None = None, batch_size: int = 1,
     experts_implementation: str | None = "eager", output_path: str | None = None,
 ) -> list[str]:
-    """The ``lm_eval`` CLI call for one model directory (float32 on CPU, our tasks included)."""
+    """The ``lm_eval`` CLI call for one model directory (float32 on CPU, our tasks included). A packed eacmoe
+    export gets ``trust_remote_code=True`` (its packed experts run their own loop)."""
     model_args = f"pretrained={model_dir},dtype=float32"
-    if experts_implementation:  # transformers 5 MoE: the "eager" experts loop is 3-5x faster than grouped_mm on CPU
+    if is_eacmoe_export(model_dir):
+        model_args += ",trust_remote_code=True"
+    elif experts_implementation:  # transformers 5 MoE: the "eager" experts loop is 3-5x faster than grouped_mm on CPU
         model_args += f",experts_implementation={experts_implementation}"
     lm_eval_bin = Path(sys.executable).with_name("lm_eval")
     command = [str(lm_eval_bin) if lm_eval_bin.exists() else "lm_eval", "--model", "hf", "--model_args", model_args,
@@ -59,12 +68,13 @@ def lm_eval_command(
 
 
 def check_plain_checkpoint(model_dir: str) -> None:
-    """Refuse quantized checkpoints: loaded with plain from_pretrained under transformers 5 their fused experts
-    come up RANDOM and lm_eval still prints numbers (see REFERENCE.md). Evaluate those in memory instead."""
+    """Refuse GPTQ checkpoints: loaded with plain from_pretrained under transformers 5 their fused experts come up
+    RANDOM and lm_eval still prints numbers (see REFERENCE.md). Evaluate the packed export (--format packed, run
+    with trust_remote_code) or the in-memory model instead."""
     config_path = Path(model_dir) / "config.json"
     if config_path.exists() and "quantization_config" in json.loads(config_path.read_text()):
-        raise ValueError(f"{model_dir} is a quantized checkpoint; load it with its own loader and use "
-                         "evaluate_model_object() instead of the plain HF backend")
+        raise ValueError(f"{model_dir} is a GPTQ-format quantized checkpoint; evaluate eacmoe's packed export "
+                         "(trust_remote_code) or the in-memory model with evaluate_model_object() instead")
 
 
 def evaluate_model_dir(

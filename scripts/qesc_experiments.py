@@ -35,17 +35,18 @@ from eacmoe.workflow import load_model  # noqa: E402
 
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
+DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 
-def evaluate(fp_model, q_model, tokenizer, heldout: dict, suite_limit: float | None) -> dict:
+def evaluate(fp_model, q_model, tokenizer, heldout: dict, suite_tasks: list[str], suite_limit: float | None) -> dict:
     row = {}
     for source, ids in heldout.items():
         rep = measure_expert_shift(fp_model, q_model, ids, batch_size=8)
         row[source] = {"ppl": rep.perplexity, "kl": rep.kl_from_fp, "shift": rep.mean_shift()}
-    if suite_limit != 0:
+    if suite_tasks and suite_limit != 0:
         from run_suite import evaluate_model_object, summarize
 
-        row["suite"] = summarize(evaluate_model_object(q_model, tokenizer, limit=suite_limit))
+        row["suite"] = summarize(evaluate_model_object(q_model, tokenizer, suite_tasks, limit=suite_limit))
     return row
 
 
@@ -66,11 +67,13 @@ def run(args) -> None:
     for model_name in args.models:
         fp_model, tokenizer = load_model(model_name, torch.float32)
         heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")}
+        heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
+                                                                args.eval_seqlen) for d in DOMAINS})
         heldout = {k: v for k, v in heldout.items() if v is not None}
         num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
         fp_key = {"model": model_name, "method": "fp"}
         if json.dumps(fp_key) not in done:
-            append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, args.suite_limit))
+            append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, args.suite_tasks, args.suite_limit))
         for setting in args.settings:
             for bits in args.bits:
                 for method in args.methods:
@@ -85,12 +88,12 @@ def run(args) -> None:
                         t0 = time.perf_counter()
                         LayerwiseQuantizer(q_model, cfg).run(calib)
                         seconds = time.perf_counter() - t0
-                        append(results_path, key, {**evaluate(fp_model, q_model, tokenizer, heldout, args.suite_limit),
+                        append(results_path, key, {**evaluate(fp_model, q_model, tokenizer, heldout, args.suite_tasks, args.suite_limit),
                                                    "seconds": seconds})
                         if method == "qesc":
                             restore_fp_routers(q_model, fp_model)
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
-                                   evaluate(fp_model, q_model, tokenizer, heldout, args.suite_limit))
+                                   evaluate(fp_model, q_model, tokenizer, heldout, args.suite_tasks, args.suite_limit))
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md", " ".join(sys.argv))
 
@@ -101,10 +104,38 @@ def append(path: Path, key: dict, row: dict) -> None:
     log.info("%s done", key)
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+# (column title, held-out source or "suite", value getter, digits)
+COLUMNS = [
+    ("test ppl", "bundled-test", lambda e: e["ppl"]["q/q"], 2),
+    ("WT2 ppl", "wikitext2", lambda e: e["ppl"]["q/q"], 1),
+    *[(f"{d} ppl", f"bundled-test:{d}", lambda e: e["ppl"]["q/q"], 1) for d in DOMAINS],
+    ("oracle ppl", "bundled-test", lambda e: e["ppl"]["q/fp"], 2),
+    ("KL(FP‖q) ×1e3", "bundled-test", lambda e: 1e3 * e["kl"]["q/q"], 2),
+    ("shift any %", "bundled-test", lambda e: 100 * e["shift"]["any"], 2),
+    ("shift half %", "bundled-test", lambda e: 100 * e["shift"]["half"], 2),
+    ("shift all %", "bundled-test", lambda e: 100 * e["shift"]["all"], 3),
+    ("cloze %", "suite", lambda e: 100 * e["cloze_acc"], 1),
+    ("nextsent %", "suite", lambda e: 100 * e["nextsent_acc"], 1),
+]
+PAIRED = [("Δ shift any (pp)", lambda r: 100 * r["bundled-test"]["shift"]["any"], 2),
+          ("Δ KL ×1e3", lambda r: 1e3 * r["bundled-test"]["kl"]["q/q"], 2),
+          ("Δ test ppl", lambda r: r["bundled-test"]["ppl"]["q/q"], 2),
+          ("Δ WT2 ppl", lambda r: r["wikitext2"]["ppl"]["q/q"] if "wikitext2" in r else float("nan"), 1)]
+
+
+def _value(row: dict, source: str, get) -> float | None:
+    try:
+        return get(row[source])
+    except KeyError:
+        return None
 
 
 def write_markdown(results_path: Path, md_path: Path, command: str) -> None:
@@ -112,20 +143,78 @@ def write_markdown(results_path: Path, md_path: Path, command: str) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["key"]
-        groups.setdefault((k["model"], k.get("setting", ""), str(k.get("bits", "16")), k["method"]), []).append(r)
-    lines = [f"Produced by `{command}`; mean ± sample standard deviation over calibration seeds.", "",
-             "| model | setting | bits | method | n | test ppl | wikitext2 ppl | oracle ppl | KL(FP‖q) | shift any % | shift all % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+        groups.setdefault((k["model"], k.get("setting", "fp"), str(k.get("bits", "16")), k["method"]), []).append(r)
+    lines = [f"Produced by `{command}`.", "",
+             "Mean ± sample standard deviation over calibration seeds (n). test ppl, KL and shift rates on the bundled "
+             "test split, per-domain ppl on each domain's test documents, WT2 = WikiText-2 test; oracle = the quantized "
+             "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
+             "model (any / at least half / all of the k), averaged over MoE layers. `qesc-experts+fp-router` = the QESC "
+             "model with its routers reset to FP (same quantized experts).", "",
+             "| model | setting | bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, setting, bits, method), rs in groups.items():
-        def col(source, f):
-            vals = [f(r[source]) for r in rs if source in r]
-            return _mean_spread(vals) if vals else "–"
-        lines.append(f"| {model} | {setting} | {bits} | {method} | {len(rs)} | "
-                     f"{col('bundled-test', lambda e: e['ppl']['q/q'])} | {col('wikitext2', lambda e: e['ppl']['q/q'])} | "
-                     f"{col('bundled-test', lambda e: e['ppl']['q/fp'])} | {col('bundled-test', lambda e: e['kl']['q/q'])} | "
-                     f"{col('bundled-test', lambda e: 100 * e['shift']['any'])} | "
-                     f"{col('bundled-test', lambda e: 100 * e['shift']['all'])} |")
+        cells = [_mean_spread([v for r in rs if (v := _value(r, src, get)) is not None], digits)
+                 for _, src, get, digits in COLUMNS]
+        lines.append(f"| {model} | {setting} | {bits} | {method} | {len(rs)} | " + " | ".join(cells) + " |")
+
+    lines += ["", "Paired differences, per calibration seed (same calibration tokens; mean ± sd of the differences):",
+              "`qesc − gptq`: router calibration and experts quantized with the calibrated routing vs plain GPTQ; "
+              "`qesc − same experts, FP router`: the calibrated router's own effect on the very same quantized experts.",
+              "", "| model | setting | bits | comparison | n | " + " | ".join(c[0] for c in PAIRED) + " |",
+              "|---|---|---|---|---|" + "---|" * len(PAIRED)]
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    for (model, setting, bits, method), rs in groups.items():
+        if method != "qesc":
+            continue
+        for other, label in (("gptq", "qesc − gptq"), ("qesc-experts+fp-router", "qesc − same experts, FP router"),
+                             ("qesc-mse", "qesc − qesc-mse")):
+            pairs = []
+            for r in rs:
+                twin = by_key.get(json.dumps({**r["key"], "method": other}, sort_keys=True))
+                if twin is not None:
+                    pairs.append((r, twin))
+            if not pairs:
+                continue
+            cells = [_mean_spread([get(a) - get(b) for a, b in pairs], digits) for _, get, digits in PAIRED]
+            lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
+    plot_shift(groups, md_path.with_name("shift.png"))
+
+
+def plot_shift(groups: dict[tuple, list[dict]], path: Path) -> None:
+    """Shift rate (any of top-k changed) and KL per method: one panel per model and setting, bits on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(m, s) for (m, s, _b, method) in groups if method != "fp"})
+    if not panels:
+        return
+    methods = ["rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 6.5), squeeze=False)
+    for col, (model, setting) in enumerate(panels):
+        bits = sorted({b for (m, s, b, _) in groups if (m, s) == (model, setting)}, key=float)
+        for row, (title, get) in enumerate((("shift any %", lambda r: 100 * r["bundled-test"]["shift"]["any"]),
+                                            ("KL(FP‖q) ×1e3", lambda r: 1e3 * r["bundled-test"]["kl"]["q/q"]))):
+            ax = axes[row][col]
+            width = 0.8 / len(methods)
+            for i, method in enumerate(methods):
+                means, sds, xs = [], [], []
+                for j, b in enumerate(bits):
+                    vals = [get(r) for r in groups.get((model, setting, b, method), [])]
+                    if vals:
+                        xs.append(j + (i - len(methods) / 2 + 0.5) * width)
+                        means.append(statistics.mean(vals))
+                        sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                if xs:
+                    ax.bar(xs, means, width, yerr=sds, capsize=2, label=method)
+            ax.set_xticks(range(len(bits)), [f"{b}-bit" for b in bits])
+            ax.set_title(f"{model}, {setting}: {title}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -141,10 +230,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (the bundled models' context)")
     ap.add_argument("--eval-samples", type=int, default=64, help="held-out sequences per source")
     ap.add_argument("--eval-seqlen", type=int, default=256, help="held-out sequence length (the bundled models' context)")
+    ap.add_argument("--suite-tasks", default="eacmoe_cloze,eacmoe_nextsent",
+                    help="lm-eval tasks run on every quantized model (comma list; perplexities come from the held-out "
+                         "streams already: bundled test split and WikiText-2)")
     ap.add_argument("--suite-limit", type=float, default=None,
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
     args = ap.parse_args()
+    args.suite_tasks = [t for t in args.suite_tasks.split(",") if t]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     run(args)
 

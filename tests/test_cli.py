@@ -1,6 +1,7 @@
 """`python -m eacmoe.quantize`: bad input gets a one-line error and a non-zero exit, and nothing half-written."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from eacmoe.assets import TOKENIZER_DIR
 from eacmoe.quantize import build_parser
@@ -106,8 +108,29 @@ def test_full_run_writes_complete_directory(tiny_mixtral: Path, tmp_path: Path) 
     out = tmp_path / "done"
     result = run_cli("--model", str(tiny_mixtral), *FAST, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {"report.json", "config.json", "quantized_state.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {"report.json", "config.json", "model.safetensors", "eacmoe_manifest.json", "modeling_eacmoe.py",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not (tmp_path / "done.partial").exists()
     assert "quant ppl" in result.stdout
     # an existing output directory is never overwritten silently
     assert_one_line_error(run_cli("--model", str(tiny_mixtral), *FAST, "--out", str(out)), "already exists")
+
+
+def test_gptq_and_dequantized_formats(tiny_mixtral: Path, tmp_path: Path) -> None:
+    gptq = tmp_path / "gptq"
+    result = run_cli("--model", str(tiny_mixtral), *FAST, "--format", "gptq", "--out", str(gptq))
+    assert result.returncode == 0, result.stderr[-3000:]
+    quantize_config = json.loads((gptq / "quantize_config.json").read_text())
+    assert quantize_config["format"] == "gptq" and quantize_config["quant_method"] == "gptq"
+    assert json.loads((gptq / "config.json").read_text())["quantization_config"] == quantize_config
+    with safe_open(str(gptq / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.3.down_proj.qweight" in keys and "model.layers.0.mlp.gate.weight" in keys
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)
+
+    dequantized = tmp_path / "dequantized"
+    result = run_cli("--model", str(tiny_mixtral), *FAST, "--format", "dequantized", "--out", str(dequantized))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, info = AutoModelForCausalLM.from_pretrained(dequantized, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not (dequantized / "modeling_eacmoe.py").exists()

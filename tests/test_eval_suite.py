@@ -166,3 +166,30 @@ def test_run_suite_refuses_quantized_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(ValueError, match="quantized"):
         run_suite.evaluate_model_dir(str(tmp_path), limit=2)
+
+
+@pytest.mark.integration
+def test_lm_eval_cli_on_packed_export_equals_in_memory(tmp_path):
+    """The real lm_eval CLI on an exported bundled model reproduces simple_evaluate on the in-memory model."""
+    import torch
+
+    from eacmoe.calibration import get_calibration_data
+    from eacmoe.export import export_model, in_memory_layers, non_layer_state
+    from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig
+    from eacmoe.workflow import load_model
+
+    model, tokenizer = load_model("tiny-mixtral", torch.float32)
+    config = QuantizeConfig(expert_bits=[2] * 8, method="gptq", attn_bits=4)
+    quantizer = LayerwiseQuantizer(model, config)
+    quantizer.run(get_calibration_data("bundled", tokenizer, 8, 128, seed=0))
+    tasks = ["eacmoe_cloze", "eacmoe_nextsent", "eacmoe_ppl_brown"]
+    in_memory = run_suite.summarize(run_suite.evaluate_model_object(model, tokenizer, tasks, limit=8))
+
+    out = tmp_path / "packed"
+    out.mkdir()
+    export_model(out, "packed", model, in_memory_layers(model, quantizer.quantized),
+                 non_layer_state(model), tokenizer, {"method": "gptq"}, torch.bfloat16)
+    via_cli = run_suite.summarize(run_suite.evaluate_model_dir(str(out), ",".join(tasks), limit=8))
+    assert in_memory.keys() == via_cli.keys() and "brown_word_ppl" in via_cli
+    for key, value in in_memory.items():
+        assert via_cli[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,13 +193,15 @@ def test_damping_escalates_on_indefinite_hessian(caplog):
 # ---------------------------------------------------------------- independent naive reference
 
 
-def _naive_gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, sym: bool, damp_percent: float):
+def _naive_gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, sym: bool, damp_percent: float,
+                      scale_dtype: str = "float32"):
     """GPTQ straight from the paper (OBS), fp64, one column at a time, no blocks, no Cholesky.
 
     For column q with the inverse Hessian Hinv of the not-yet-quantized columns:
         w_F <- w_F - (w_q - quant(w_q)) / Hinv_qq * Hinv_{F,q}
         Hinv <- Hinv - Hinv_{:,q} Hinv_{q,:} / Hinv_qq        (removes q)
-    The grid of a group is the min/max grid of its current (updated) weights when the group starts.
+    The grid of a group is the min/max grid of its current (updated) weights when the group starts; with
+    ``scale_dtype="float16"`` its scale is rounded to fp16 first (what a GPTQ checkpoint stores).
     """
     w = w.double().clone()
     h = h.double().clone()
@@ -219,6 +222,11 @@ def _naive_gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, sym:
                 hi = torch.maximum(hi, -lo)
                 lo = -hi
             scale = (hi - lo) / maxq
+            if scale_dtype == "float16":  # the next fp16 value up (numpy's float16 nextafter)
+                half = scale.numpy().astype(np.float16)
+                below = half.astype(np.float64) < scale.numpy()
+                half[below] = np.nextafter(half[below], np.float16(np.inf))
+                scale = torch.from_numpy(half.astype(np.float64))
             zero = torch.full_like(scale, 2 ** (bits - 1)) if sym else torch.round(-lo / scale)
         c = torch.clamp(torch.round(w[:, q] / scale) + zero, 0, maxq)
         codes[:, q] = c.long()
@@ -231,23 +239,25 @@ def _naive_gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, sym:
 # Asymmetric grids only: a symmetric grid puts the group's most negative value (if it is the abs max) exactly
 # on a rounding tie (-maxq/2), so fp64-vs-fp32 noise legitimately picks either neighbour (same error) and the
 # codes then diverge; that case is compared by loss below.
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("bits", BITS)
-def test_blocked_solver_matches_naive_reference(bits):
+def test_blocked_solver_matches_naive_reference(bits, scale_dtype):
     sym = False
     x = _correlated_inputs(256, 32, seed=5)
     x[:, 9] = 0.0  # one dead column
     w = _weight(8, 32, seed=6)
     solver = _solver(x)
     gs = 8
-    ref = _naive_gptq_codes(w, solver.H, bits, gs, sym, 0.01)
+    ref = _naive_gptq_codes(w, solver.H, bits, gs, sym, 0.01, scale_dtype)
     # exact grids: any block size (not a multiple of the group size, not dividing the width) gives the same codes
     for block_size in (3, 8, 12, 32):
-        spec = QuantSpec(bits=bits, group_size=gs, sym=sym, block_size=block_size)
+        spec = QuantSpec(bits=bits, group_size=gs, sym=sym, block_size=block_size, scale_dtype=scale_dtype)
         res = solver.quantize(w, spec, exact_group_grids=True)
         assert torch.equal(res.qweight.codes.long(), ref), block_size
     # reference grids coincide with exact grids when every group starts a block
     for block_size in (4, 8):
-        res = solver.quantize(w, QuantSpec(bits=bits, group_size=gs, sym=sym, block_size=block_size))
+        spec = QuantSpec(bits=bits, group_size=gs, sym=sym, block_size=block_size, scale_dtype=scale_dtype)
+        res = solver.quantize(w, spec)
         assert torch.equal(res.qweight.codes.long(), ref), block_size
 
 

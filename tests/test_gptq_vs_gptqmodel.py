@@ -125,7 +125,8 @@ def _compare(w, h_eval, q_ref, codes_ref, scale_ref, zero_ref, g_idx_ref, res, l
 def test_same_hessian_matches_gptqmodel(gm, data, bits, sym, act_order, group_size, block_size):
     x, w, _ours, h_ref = data
     ref = _gptqmodel_quantize(gm, w, x, bits, group_size, sym, act_order, block_size)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=block_size)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=block_size,
+                     scale_dtype="float32")  # GPTQModel's solver keeps fp32 scales
     res = GPTQ.from_hessian(h_ref, nsamples=NSAMPLES).quantize(w, spec)
     _compare(w, h_ref, *ref, res, SAME_H_LOSS_RTOL, SAME_H_MIN_CODE_AGREEMENT)
 
@@ -134,7 +135,8 @@ def test_same_hessian_matches_gptqmodel(gm, data, bits, sym, act_order, group_si
 def test_same_inputs_match_gptqmodel(gm, data, bits, sym, act_order, group_size, block_size):
     x, w, ours, _h_ref = data
     ref = _gptqmodel_quantize(gm, w, x, bits, group_size, sym, act_order, block_size)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=block_size)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, block_size=block_size,
+                     scale_dtype="float32")  # GPTQModel's solver keeps fp32 scales
     res = ours.quantize(w, spec)
     _compare(w, ours.H, *ref, res, SAME_INPUTS_LOSS_RTOL, SAME_INPUTS_MIN_CODE_AGREEMENT)
 

@@ -85,7 +85,7 @@ def test_per_channel_group_size():
 def test_fit_grid_hand_example():
     # asym 2-bit over [-1, 0, 3]: range [-1, 3], scale 4/3, zero round(0.75) = 1
     w = torch.tensor([[-1.0, 0.0, 3.0]])
-    scale, zero = fit_grid(w, bits=2, sym=False)
+    scale, zero = fit_grid(w, bits=2, sym=False, scale_dtype="float32")
     assert torch.allclose(scale, torch.tensor([4.0 / 3.0]))
     assert zero.tolist() == [1.0]
     codes = quantize_to_codes(w, scale[:, None], zero[:, None], bits=2)
@@ -98,7 +98,7 @@ def test_fit_grid_hand_example():
 @pytest.mark.parametrize("sym", [False, True])
 def test_rtn_codes_in_range_and_dequantize_exactly(bits, sym):
     w = _weight()
-    spec = QuantSpec(bits=bits, group_size=16, sym=sym)
+    spec = QuantSpec(bits=bits, group_size=16, sym=sym, scale_dtype="float32")
     qw = rtn_quantize(w, spec)
     maxq = 2**bits - 1
     assert qw.codes.dtype == torch.uint8 and qw.codes.shape == w.shape
@@ -123,7 +123,7 @@ def test_rtn_codes_in_range_and_dequantize_exactly(bits, sym):
 @pytest.mark.parametrize("bits", BITS)
 def test_asym_grid_spans_min_and_max(bits):
     w = _weight(seed=1)
-    qw = rtn_quantize(w, QuantSpec(bits=bits, group_size=32))
+    qw = rtn_quantize(w, QuantSpec(bits=bits, group_size=32, scale_dtype="float32"))
     wg = w.reshape(8, 2, 32)
     lo = torch.clamp(wg.amin(-1), max=0)
     hi = torch.clamp(wg.amax(-1), min=0)
@@ -138,9 +138,35 @@ def test_asym_grid_spans_min_and_max(bits):
 def test_sym_grid_on_nonnegative_group_is_not_clipped():
     # GPTQ's own find_params would use range [0, max] with a mid zero point here and clip the top half.
     w = torch.rand(4, 16) + 0.1
-    qw = rtn_quantize(w, QuantSpec(bits=4, group_size=16, sym=True))
+    for scale_dtype in ("float32", "float16"):
+        qw = rtn_quantize(w, QuantSpec(bits=4, group_size=16, sym=True, scale_dtype=scale_dtype))
+        deq = qw.dequantize()
+        assert bool(((deq - w).abs() <= qw.scales / 2 * (1 + 1e-4) + 1e-7).all())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", [False, True])
+def test_fp16_scales_are_exact_rounded_up_and_never_clip(bits, sym):
+    w = _weight(rows=64, cols=128, seed=3) * torch.logspace(-4, 1, 64).unsqueeze(1)  # many magnitudes
+    exact = rtn_quantize(w, QuantSpec(bits=bits, group_size=32, sym=sym, scale_dtype="float32"))
+    qw = rtn_quantize(w, QuantSpec(bits=bits, group_size=32, sym=sym))  # default: fp16 scales
+    assert torch.equal(qw.scales, qw.scales.half().float())  # what the checkpoint stores, exactly
+    assert bool((qw.scales >= exact.scales).all())
+    # one fp16 step up at most: relative 2**-10 in fp16's normal range, absolute 2**-24 below it (subnormals)
+    assert bool((qw.scales <= torch.maximum(exact.scales * (1 + 2.0**-10), exact.scales + 2.0**-24)).all())
     deq = qw.dequantize()
-    assert bool(((deq - w).abs() <= qw.scales / 2 * (1 + 1e-4) + 1e-7).all())
+    step = qw.scales[:, qw.g_idx.long()]
+    assert bool(((deq - w).abs() <= step / 2 * (1 + 1e-4) + 1e-7).all())  # the grid still spans every group
+
+
+def test_round_up_to_fp16_edge_cases():
+    from eacmoe.quant.grid import round_up_to_fp16
+
+    values = torch.tensor([1.0, 1.0 + 2.0**-12, 3e-9, 6.1e-5, 1000.3])
+    rounded = round_up_to_fp16(values)
+    assert rounded[0] == 1.0 and rounded[1] == 1.0 + 2.0**-10  # exact stays, anything above goes up
+    assert rounded[2] == 2.0**-24  # below the smallest fp16: the floor, never 0
+    assert bool((rounded >= values).all()) and torch.equal(rounded, rounded.half().float())
 
 
 def test_all_zero_group_and_8bit_codes():

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Mix
 
 from eacmoe import workflow
 from eacmoe.assets import TOKENIZER_DIR
-from eacmoe.lazy_loading import CheckpointLayers, LayerLoader, checkpoint_files, merge_safetensors
+from eacmoe.lazy_loading import CheckpointLayers, LayerLoader, checkpoint_files
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig, progress_layer_file, read_progress_layer
 from eacmoe.quantize import build_parser
 from eacmoe.workflow import JobError, QuantizeJob, run_job
@@ -103,22 +103,6 @@ def test_written_back_in_checkpoint_layout(name: str, tmp_path: Path) -> None:
     assert_same_state(written, on_disk)
 
 
-def test_merge_safetensors(tmp_path: Path) -> None:
-    a = {"x": torch.randn(3, 5), "y": torch.arange(7, dtype=torch.int32), "skip": torch.zeros(2)}
-    b = {"z": torch.randn(4, 2).to(torch.bfloat16), "u": torch.randint(0, 255, (3, 3), dtype=torch.uint8),
-         "s": torch.tensor(2.5)}
-    save_file(a, tmp_path / "a.safetensors")
-    save_file(b, tmp_path / "b.safetensors")
-    merge_safetensors([(tmp_path / "a.safetensors", lambda k: None if k == "skip" else f"a.{k}"),
-                       (tmp_path / "b.safetensors", lambda k: f"b.{k}")], tmp_path / "m.safetensors",
-                      metadata={"format": "pt"})
-    merged = load_file(tmp_path / "m.safetensors")
-    expected = {f"a.{k}": v for k, v in a.items() if k != "skip"} | {f"b.{k}": v for k, v in b.items()}
-    assert_same_state(merged, expected)
-    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
-
-
 # -- quantization -------------------------------------------------------------------------------------
 def calib_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -191,10 +175,12 @@ def test_lazy_job_refuses_nan_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fmt", ["packed", "dequantized"])
+def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
     path = tiny_job_checkpoint(tmp_path / "tiny")
     monkeypatch.setattr(workflow, "LAZY_AUTO_BYTES", 0)  # lazy=None: every model counts as large
-    reports = {lazy: run_job(QuantizeJob(model=str(path), **FAST_JOB, out=str(tmp_path / f"lazy-{lazy}"), lazy=lazy))
+    reports = {lazy: run_job(QuantizeJob(model=str(path), **FAST_JOB, out=str(tmp_path / f"lazy-{lazy}"), lazy=lazy,
+                                         format=fmt))
                for lazy in (False, None)}
     reports[True] = reports.pop(None)
     eager_out, lazy_out = tmp_path / "lazy-False", tmp_path / "lazy-None"
@@ -203,11 +189,16 @@ def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.Monke
     assert reports[True]["evaluation"] == reports[False]["evaluation"]
     assert reports[True]["average_bits_true"] == reports[False]["average_bits_true"]
     assert_same_state(all_checkpoint_tensors(lazy_out), all_checkpoint_tensors(eager_out))
-    assert_same_state(load_file(lazy_out / "quantized_state.safetensors"),
-                      load_file(eager_out / "quantized_state.safetensors"))
     assert json.loads((lazy_out / "config.json").read_text()) == json.loads((eager_out / "config.json").read_text())
-    assert {p.name for p in eager_out.iterdir()} - {"model.safetensors"} <= {p.name for p in lazy_out.iterdir()}
-
-    loaded, info = AutoModelForCausalLM.from_pretrained(lazy_out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert_same_state(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(eager_out).state_dict())
+    if fmt == "packed":
+        kwargs = {"trust_remote_code": True}
+        assert (lazy_out / "eacmoe_manifest.json").read_text() == (eager_out / "eacmoe_manifest.json").read_text()
+    else:
+        kwargs = {"output_loading_info": True}
+        assert {p.name for p in eager_out.iterdir()} - {"model.safetensors"} <= {p.name for p in lazy_out.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(lazy_out, **kwargs)
+    if fmt == "dequantized":
+        loaded, info = loaded
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        kwargs = {}
+    assert_same_state(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(eager_out, **kwargs).state_dict())

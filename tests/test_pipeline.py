@@ -17,12 +17,13 @@ def calib_ids(n: int = 4, seq: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def quantize(name: str, method: str = "qesc", bits: int = 2, progress_dir=None, stop_after_layer=None, resume=False,
-             model=None):
+def quantize(name: str, method: str = "qesc", bits: int | list[int] = 2, progress_dir=None, stop_after_layer=None, resume=False,
+             model=None, group_size: int = 8):
     if model is None:
         model, _ = build(name)
     n_layers = len(model.model.layers)
-    cfg = QuantizeConfig(expert_bits=[bits] * n_layers, method=method, group_size=8, router_steps=20,
+    expert_bits = list(bits) if isinstance(bits, (list, tuple)) else [bits] * n_layers
+    cfg = QuantizeConfig(expert_bits=expert_bits, method=method, group_size=group_size, router_steps=20,
                          batch_size=2)
     q = LayerwiseQuantizer(model, cfg, progress_dir=progress_dir)
     q.run(calib_ids(), resume=resume, stop_after_layer=stop_after_layer)

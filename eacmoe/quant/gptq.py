@@ -250,7 +250,7 @@ class GPTQ:
                     else:
                         # Reference behaviour: W holds the weights as of this block's start.
                         part = W[:, j:g_end]
-                    scale, zero = fit_grid(part, bits, spec.sym)
+                    scale, zero = fit_grid(part, bits, spec.sym, spec.scale_dtype)
                     scales[:, j // gs] = scale
                     zeros[:, j // gs] = zero
                 w = W1[:, i]

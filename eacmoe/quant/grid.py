@@ -22,11 +22,13 @@ __all__ = [
     "QuantizedWeight",
     "fit_grid",
     "quantize_to_codes",
+    "round_up_to_fp16",
     "dequantize_codes",
     "rtn_quantize",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class QuantSpec:
         damp_percent: GPTQ dampening as a fraction of the mean Hessian diagonal.
         block_size: GPTQ lazy-update block width (columns). Mostly a speed knob; it changes the result only
             when groups start inside a block (see :mod:`eacmoe.quant.gptq`).
+        scale_dtype: precision the scales are rounded to *before* the codes are chosen. "float16" (default) is
+            what GPTQ checkpoints store, so the packed model computes exactly the weights the solver saw;
+            "float32" keeps full-precision scales (GPTQModel's in-memory solver, used to compare with it).
     """
 
     bits: int
@@ -49,6 +54,7 @@ class QuantSpec:
     act_order: bool = False
     damp_percent: float = 0.01
     block_size: int = 128
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -61,6 +67,8 @@ class QuantSpec:
             raise ValueError(f"damp_percent must be a positive finite number, got {self.damp_percent!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property
     def maxq(self) -> int:
@@ -84,13 +92,16 @@ class QuantSpec:
         return in_features // self.effective_group_size(in_features)
 
 
-def fit_grid(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid(w: torch.Tensor, bits: int, sym: bool = False,
+             scale_dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one min/max grid per leading index over the last dimension of ``w``.
 
     Args:
         w: ``[..., n]`` values that share a grid along the last dimension.
         bits: code width.
         sym: symmetric grid with zero point ``2**(bits-1)``.
+        scale_dtype: "float16" rounds the scale up to an fp16 value (what a GPTQ checkpoint stores); the zero
+            point and, downstream, the codes are then chosen for that scale.
 
     Returns:
         ``(scale, zero)``, both fp32 of shape ``w.shape[:-1]``; ``zero`` holds integers in ``[0, 2**bits-1]``.
@@ -113,11 +124,23 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tenso
     xmin = torch.where(degenerate, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(degenerate, torch.full_like(xmax, 1.0), xmax)
     scale = (xmax - xmin) / maxq
+    if scale_dtype == "float16":
+        scale = round_up_to_fp16(scale)
     if sym:
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
         zero = torch.round(-xmin / scale).clamp_(0, maxq)
     return scale, zero
+
+
+def round_up_to_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= ``scale`` (positive), back in fp32: rounding up keeps the grid spanning the
+    whole group, so no weight is clipped by the rounding. 2**-24, the smallest positive fp16, is the floor."""
+    half = scale.clamp_min(2.0**-24).to(torch.float16)
+    below = half.float() < scale
+    # For positive finite fp16, the next representable value up is the next bit pattern.
+    half = torch.where(below, (half.view(torch.int16) + 1).view(torch.float16), half)
+    return half.float()
 
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -203,7 +226,7 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     gs = spec.effective_group_size(in_f)
     n_groups = in_f // gs
     w = weight.detach().float().reshape(out_f, n_groups, gs)
-    scale, zero = fit_grid(w, spec.bits, spec.sym)  # [out, n_groups]
+    scale, zero = fit_grid(w, spec.bits, spec.sym, spec.scale_dtype)  # [out, n_groups]
     codes = quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
     g_idx = torch.arange(in_f, dtype=torch.int32, device=weight.device) // gs
     return QuantizedWeight(

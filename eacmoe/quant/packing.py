@@ -140,6 +140,13 @@ def unpack_rows(packed: Tensor, bits: int, num_rows: int) -> Tensor:
             f"{num_rows} values of {bits} bits need {n_words} packed words along dim 0, got {packed.shape[0]}"
         )
     cols = packed.shape[1]
+    mask = (1 << bits) - 1
+    if WORD_BITS % bits == 0:
+        # Fields never straddle words: one broadcast shift extracts them all (the runtime's hot path). An
+        # arithmetic shift of a negative int32 only changes bits above the field, which the mask drops.
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device)
+        values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [words, values per word, C]
+        return values.reshape(-1, cols)[:num_rows]
     block = _block_values(bits)
     words_per_block = block * bits // WORD_BITS
     n_blocks = -(-num_rows // block)
@@ -147,7 +154,6 @@ def unpack_rows(packed: Tensor, bits: int, num_rows: int) -> Tensor:
     if n_blocks * words_per_block != n_words:
         w = torch.cat([w, w.new_zeros(n_blocks * words_per_block - n_words, cols)])
     w = w.view(n_blocks, words_per_block, cols)
-    mask = (1 << bits) - 1
     out = torch.empty(n_blocks, block, cols, dtype=torch.int32, device=packed.device)
     for pos in range(block):
         word, shift = divmod(pos * bits, WORD_BITS)

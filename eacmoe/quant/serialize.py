@@ -2,10 +2,7 @@
 `.zeros`, `.g_idx` and `.meta` (int32 [bits, group_size, sym])."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from .grid import QuantizedWeight
 
@@ -31,11 +28,3 @@ def quantized_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, Quanti
         out[name] = QuantizedWeight(**{f: tensors[f"{name}.{f}"] for f in _FIELDS}, bits=bits, group_size=group_size,
                                     sym=bool(sym))
     return out
-
-
-def save_quantized_state(quantized: dict[str, QuantizedWeight], path: Path) -> None:
-    save_file(quantized_tensors(quantized), str(path))
-
-
-def load_quantized_state(path: Path) -> dict[str, QuantizedWeight]:
-    return quantized_from_tensors(load_file(str(path)))

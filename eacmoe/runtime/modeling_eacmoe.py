@@ -1,0 +1,173 @@
+"""The model class behind an exported eacmoe checkpoint (loaded through ``auto_map`` / ``trust_remote_code``).
+
+    model = AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)
+    lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True,dtype=float32 ...
+
+config.json has ``model_type: "eacmoe"``, so loading without ``trust_remote_code`` stops with transformers' own
+"contains custom code ... pass trust_remote_code=True" error instead of silently building the architecture with
+randomly initialised experts. With it, :meth:`EacmoeForCausalLM.from_pretrained`:
+
+1. verifies every weight file against ``eacmoe_manifest.json`` (size and SHA-256);
+2. builds the original architecture (``base_config``) with empty parameters;
+3. puts a :class:`PackedLinear` / :class:`PackedExperts` at every path listed in ``quantized_modules``;
+4. loads all tensors strictly (a missing or unexpected tensor is an error, never a random init);
+5. optionally hooks PESF into every MoE block (the ``pesf`` section: ``enabled``, ``alpha``, ``renormalize``).
+
+It returns the original transformers model class (e.g. ``MixtralForCausalLM``) holding packed modules, so
+``generate``, lm-eval and everything else treat it as the ordinary model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+
+from .manifest import verify_manifest
+from .packed_modules import PackedExperts, PackedLinear, replace_module
+
+try:  # a flat copy inside an exported checkpoint
+    from .pesf import PESFConfig, enable_pesf
+except ImportError:  # the installed eacmoe package
+    from eacmoe.pesf import PESFConfig, enable_pesf
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EacmoeConfig", "EacmoeForCausalLM", "build_packed_model"]
+
+
+class EacmoeConfig(PretrainedConfig):
+    """config.json of an export: the original model's config plus what eacmoe did to it.
+
+    Attributes:
+        base_config: the original transformers config as a dict (with its ``model_type``).
+        quantization: method, bits schedule, grid settings, average bits, calibration and router-calibration
+            settings (metadata; the tensors themselves say how they are packed).
+        quantized_modules: ``{module path: spec}``; spec ``kind`` is "linear" (in/out features, bias) or
+            "experts" (num_experts, hidden and intermediate size), both with bits / group_size / sym.
+        pesf: ``{"enabled", "alpha", "renormalize"}``: prefill expert skipping applied on load.
+    """
+
+    model_type = "eacmoe"
+
+    def __init__(self, base_config: dict | None = None, quantization: dict | None = None,
+                 quantized_modules: dict | None = None, pesf: dict | None = None, **kwargs):
+        self.base_config = base_config or {}
+        self.quantization = quantization or {}
+        self.quantized_modules = quantized_modules or {}
+        self.pesf = pesf or {"enabled": False, "alpha": 0.3, "renormalize": False}
+        super().__init__(**kwargs)
+
+
+def _packed_module(spec: dict, original: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    if spec["kind"] == "linear":
+        return PackedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["sym"],
+                            bias=spec.get("bias", False), dtype=dtype)
+    if spec["kind"] == "experts":
+        return PackedExperts(spec["num_experts"], spec["hidden_size"], spec["intermediate_size"], spec["bits"],
+                             spec["group_size"], spec["sym"], act_fn=original.act_fn)
+    raise ValueError(f"unknown packed module kind {spec['kind']!r}")
+
+
+def _resolve_dtype(dtype, base_config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        stored = getattr(base_config, "dtype", None) or torch.float32
+        return getattr(torch, stored) if isinstance(stored, str) else stored
+    return getattr(torch, str(dtype).removeprefix("torch."))
+
+
+def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None, dtype=None,
+                       device: str | torch.device | None = None, pesf_alpha: float | None = None,
+                       pesf_renormalize: bool | None = None) -> torch.nn.Module:
+    """Load an exported checkpoint directory as the original model class with packed modules.
+
+    ``pesf_alpha`` / ``pesf_renormalize`` override config.json's ``pesf`` section (alpha 0 or less: PESF off).
+    """
+    directory = Path(directory)
+    weight_files = [f for f in verify_manifest(directory) if f.endswith(".safetensors")]
+    config = config or EacmoeConfig.from_pretrained(directory)
+    base_config = AutoConfig.for_model(**config.base_config)
+    dtype = _resolve_dtype(dtype, base_config)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE) computed for real
+        model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
+    for name, spec in config.quantized_modules.items():
+        replace_module(model, name, _packed_module(spec, model.get_submodule(name), dtype))
+
+    state = {}
+    for name in weight_files:
+        state.update(load_file(directory / name))
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not key.endswith(".scales"):
+            state[key] = tensor.to(dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_keys(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{directory}: the weight files do not match the architecture (missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}); refusing to run with uninitialised weights")
+    if tied:
+        model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"{directory}: no weights for {meta[:5]}; refusing to run with uninitialised weights")
+    model.eval().requires_grad_(False)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.config.name_or_path = str(directory)
+    model.eacmoe_config = config
+    pesf = dict(config.pesf)
+    if pesf_alpha is not None:
+        pesf.update(enabled=float(pesf_alpha) > 0, alpha=float(pesf_alpha))
+    if pesf_renormalize is not None:
+        pesf["renormalize"] = bool(pesf_renormalize)
+    if pesf.get("enabled"):
+        enable_pesf(model, PESFConfig(alpha=float(pesf["alpha"]), renormalize=bool(pesf.get("renormalize", False))))
+    return model.to(device) if device is not None else model
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameter names that transformers ties to another parameter (e.g. lm_head.weight to the embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if isinstance(tied, (dict, list, set, tuple)) else [])
+
+
+class EacmoeForCausalLM:
+    """The ``auto_map`` entry point: ``from_pretrained`` returns the original model class with packed modules."""
+
+    config_class = EacmoeConfig
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:
+        """Called by the Auto classes on remote-code models; only matters for pushing to the hub: nothing to do."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
+                        device_map=None, pesf_alpha=None, pesf_renormalize=None, **kwargs):
+        """Also takes ``pesf_alpha`` / ``pesf_renormalize`` (e.g. lm_eval ``--model_args ...,pesf_alpha=0.3``)."""
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():  # a hub repository: fetch it whole (weights, code, manifest)
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision")))
+        ignored = sorted(k for k, v in kwargs.items() if v is not None and k not in ("revision", "trust_remote_code"))
+        if ignored:
+            logger.debug("eacmoe loader ignores %s", ignored)
+        device = None
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            device = device_map
+        elif isinstance(device_map, dict) and len(set(device_map.values())) == 1:
+            device = next(iter(device_map.values()))
+        elif device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else None
+        cfg = config if isinstance(config, EacmoeConfig) else None
+        return build_packed_model(directory, cfg, dtype=dtype if dtype is not None else torch_dtype, device=device,
+                                  pesf_alpha=pesf_alpha, pesf_renormalize=pesf_renormalize)
+

@@ -1,0 +1,163 @@
+"""Packed low-bit modules: the weights stay packed in memory and are dequantized at each forward.
+
+- :class:`PackedLinear` replaces an ``nn.Linear`` (attention projections, shared experts).
+- :class:`PackedExperts` replaces a transformers 5 fused experts module (``mlp.experts`` with 3-D
+  ``gate_up_proj`` / ``down_proj``). It takes the same ``(hidden_states, top_k_index, top_k_weights)`` call and
+  dequantizes only the experts the current tokens were routed to, one at a time, so a layer's full-precision
+  expert weights never exist in memory together.
+
+Tensors follow the GPTQ convention (``qweight``/``qzeros``/``scales``/``g_idx`` per Linear, experts named
+``experts.{e}.{gate_proj,up_proj,down_proj}`` as GPTQModel names them), with plain zero points ("gptq_v2"). The
+dequantized weight is computed with exactly the fp32 arithmetic of ``QuantizedWeight.dequantize``, so a packed
+model reproduces the in-memory quantized model it came from.
+
+This file is copied into exported checkpoints: it imports only torch and the other copied files.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # a flat copy inside an exported checkpoint
+    from .grid import QuantizedWeight
+    from .packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_gptq, unpack_rows
+except ImportError:  # the installed eacmoe package
+    from eacmoe.quant.grid import QuantizedWeight
+    from eacmoe.quant.packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_gptq, unpack_rows
+
+__all__ = ["EXPERT_PROJS", "PackedExperts", "PackedLinear", "replace_module"]
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class PackedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as packed b-bit codes, fp16 scales and packed zero points.
+
+    The scales are kept as the int16 bit pattern of their fp16 values, so that ``model.to(dtype)`` (which casts
+    every floating-point buffer) cannot round them; ``state_dict`` and loading use ordinary fp16 tensors.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool = False,
+                 bias: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        shapes = gptq_tensor_shapes(in_features, out_features, bits, n_groups)
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.int16))
+        self.register_buffer("g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> "PackedLinear":
+        out_features, in_features = qw.shape
+        module = cls(in_features, out_features, qw.bits, qw.group_size, qw.sym, bias is not None,
+                     bias.dtype if bias is not None else torch.float32)
+        packed = pack_gptq(qw, format="gptq_v2")
+        module.qweight.copy_(packed["qweight"])
+        module.qzeros.copy_(packed["qzeros"])
+        module.scales.copy_(packed["scales"].view(torch.int16))
+        module.g_idx.copy_(packed["g_idx"])
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def quantized_weight(self) -> QuantizedWeight:
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales.view(torch.float16),
+                   "g_idx": self.g_idx}
+        return unpack_gptq(tensors, self.bits, self.group_size, self.sym, format="gptq_v2")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The ``[out, in]`` weight ``(code - zero) * scale`` in fp32 (the arithmetic of
+        ``QuantizedWeight.dequantize``, so bit-identical to it), then cast to ``dtype``."""
+        codes = unpack_rows(self.qweight, self.bits, self.in_features)  # [K, N]
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features)  # [G, N]
+        scales = self.scales.view(torch.float16).float()  # [G, N]
+        group = self.g_idx.long()
+        weight_t = (codes.float() - zeros[group].float()) * scales[group]  # [K, N]
+        return weight_t.T.contiguous().to(dtype)  # contiguous [N, K]: the same matmul as an nn.Linear weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scales"] = self.scales.view(torch.float16)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "scales"
+        if key in state_dict and state_dict[key].dtype == torch.float16:
+            state_dict[key] = state_dict[key].view(torch.int16)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+
+
+class PackedExperts(nn.Module):
+    """Drop-in replacement of a fused experts module whose experts are packed :class:`PackedLinear` triples.
+
+    ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])`` matches transformers' eager
+    experts loop: ``out[t] = sum_k w[t, k] * down(act(gate(x_t)) * up(x_t))`` over the experts that ``t`` chose;
+    index ``num_experts`` marks a dropped slot (PESF), which is skipped.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int, group_size: int,
+                 sym: bool, act_fn: nn.Module):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.act_fn = act_fn
+        shapes = {"gate_proj": (hidden_size, intermediate_size), "up_proj": (hidden_size, intermediate_size),
+                  "down_proj": (intermediate_size, hidden_size)}
+        for e in range(num_experts):
+            expert = nn.Module()
+            for proj, (fan_in, fan_out) in shapes.items():
+                expert.add_module(proj, PackedLinear(fan_in, fan_out, bits, group_size, sym))
+            self.add_module(str(e), expert)
+
+    def expert(self, e: int) -> nn.Module:
+        return self.get_submodule(str(e))
+
+    @classmethod
+    def from_quantized(cls, experts: dict[int, dict[str, QuantizedWeight]], act_fn: nn.Module) -> "PackedExperts":
+        """``experts[e][proj]`` for every expert ``e`` and projection in EXPERT_PROJS (one grid for the layer)."""
+        first = experts[0]["gate_proj"]
+        intermediate_size, hidden_size = first.shape
+        module = cls(len(experts), hidden_size, intermediate_size, first.bits, first.group_size, first.sym, act_fn)
+        for e, projections in experts.items():
+            for proj in EXPERT_PROJS:
+                module.expert(e).add_module(proj, PackedLinear.from_quantized(projections[proj]))
+        return module
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.unique(top_k_index)
+        for e in hit.tolist():
+            if e >= self.num_experts:  # dropped slot
+                continue
+            slot, token_idx = torch.where(top_k_index.T == e)  # eager's order: by slot, then token
+            expert = self.expert(e)
+            x = hidden_states[token_idx]
+            # gate and up as one matmul, like the fused eager path, so the results agree bit for bit
+            gate_up = torch.cat([expert.gate_proj.dequantized_weight(x.dtype), expert.up_proj.dequantized_weight(x.dtype)])
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, expert.down_proj.dequantized_weight(x.dtype))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, bits={self.bits}, group_size={self.group_size}")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
