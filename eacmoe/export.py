@@ -261,6 +261,14 @@ def gptq_quantize_config(module_specs: dict, metadata: dict) -> dict:
 
 def _write_gptq_config(out_dir: Path, base_config: dict, module_specs: dict, metadata: dict) -> None:
     quantize_config = gptq_quantize_config(module_specs, metadata)
+    # What the loaders we know of accept (GPTQModel 7.6.0's TorchLinear; vLLM's GPTQ-Marlin MoE path, read not run)
+    if quantize_config["group_size"] not in (-1, 16, 32, 64, 128, 256, 512, 1024):
+        log.warning("group size %d: GPTQModel's kernels accept -1 or 16..1024 (powers of two) only",
+                    quantize_config["group_size"])
+    expert_bits = {spec["bits"] for spec in module_specs.values() if spec["kind"] == "experts"}
+    if expert_bits - {4, 8}:
+        log.warning("experts at %s bits: GPTQModel loads this; vLLM's MoE kernels take 4- or 8-bit experts only",
+                    sorted(expert_bits))
     config = {**base_config, "quantization_config": quantize_config}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     (out_dir / "quantize_config.json").write_text(json.dumps(quantize_config, indent=1) + "\n")

@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import re
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -51,13 +50,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Files a lazy run needs from the hub: weights, configs, tokenizer (never *.bin / *.pt pickles).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
 
 class NonFiniteWeightsError(ValueError):
     """A checkpoint tensor holds NaN or Inf values (quantizing it would silently produce garbage)."""

@@ -82,6 +82,18 @@ def markdown(results: list[dict], args, command: str) -> str:
             f"{r['prefill_tokens_per_second'] / fp['prefill_tokens_per_second']:.2f} | "
             f"{r['decode_tokens_per_second']:.1f} | {r['decode_tokens_per_second'] / fp['decode_tokens_per_second']:.2f} | "
             f"{r['prompt_perplexity']:.2f} |")
+    lines += [
+        "",
+        "- *weights in memory*: every parameter and buffer of the loaded model. `fp` holds fp32 (the CPU compute "
+        "dtype; the bf16 checkpoint is half that). The packed model keeps attention and experts as packed codes + fp16 "
+        "scales + packed zero points; embeddings, LM head, norms and routers stay unquantized (on a tiny model they "
+        "are most of the bytes, hence the separate decoder-layer column).",
+        "- *prefill / decode*: the packed runtime dequantizes every weight it uses at every forward (only the experts "
+        "the tokens were routed to), so it trades speed for memory; decoding one token at a time pays that cost per "
+        "step. PESF changes only the prefill (decode differences between the two packed rows are noise).",
+        "- *prompt ppl*: perplexity of the prompts themselves, a check that the variants compute the same model "
+        "(`packed` = the quantized model; PESF drops the routing slots of rarely used experts).",
+    ]
     return "\n".join(lines) + "\n"
 
 

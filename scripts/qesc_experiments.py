@@ -61,6 +61,8 @@ def restore_fp_routers(q_model, fp_model) -> None:
 def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
+    with (args.out / "commands.txt").open("a") as f:  # every invocation that added rows, for RESULTS.md
+        f.write("python " + " ".join(sys.argv) + "\n")
     done = set()
     if results_path.exists():
         done = {json.dumps(json.loads(line)["key"]) for line in results_path.read_text().splitlines() if line}
@@ -95,7 +97,7 @@ def run(args) -> None:
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
                                    evaluate(fp_model, q_model, tokenizer, heldout, args.suite_tasks, args.suite_limit))
                         del q_model
-    write_markdown(results_path, args.out / "RESULTS.md", " ".join(sys.argv))
+    write_markdown(results_path, args.out / "RESULTS.md")
 
 
 def append(path: Path, key: dict, row: dict) -> None:
@@ -138,13 +140,16 @@ def _value(row: dict, source: str, get) -> float | None:
         return None
 
 
-def write_markdown(results_path: Path, md_path: Path, command: str) -> None:
+def write_markdown(results_path: Path, md_path: Path) -> None:
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line]
+    commands_path = results_path.with_name("commands.txt")
+    commands = list(dict.fromkeys(commands_path.read_text().splitlines())) if commands_path.exists() else []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["key"]
         groups.setdefault((k["model"], k.get("setting", "fp"), str(k.get("bits", "16")), k["method"]), []).append(r)
-    lines = [f"Produced by `{command}`.", "",
+    lines = ["Produced by (rows appended by each command in turn; `--report-only` rewrites this file):", "",
+             *[f"    {c}" for c in commands], "",
              "Mean ± sample standard deviation over calibration seeds (n). test ppl, KL and shift rates on the bundled "
              "test split, per-domain ppl on each domain's test documents, WT2 = WikiText-2 test; oracle = the quantized "
              "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
@@ -236,10 +241,14 @@ def main() -> None:
     ap.add_argument("--suite-limit", type=float, default=None,
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and shift.png from results.jsonl")
     args = ap.parse_args()
     args.suite_tasks = [t for t in args.suite_tasks.split(",") if t]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    run(args)
+    if args.report_only:
+        write_markdown(args.out / "results.jsonl", args.out / "RESULTS.md")
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 quantized model, on tiny random models of every family; refusal without trust_remote_code; integrity manifest."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from eacmoe.adapters import get_adapter
 from eacmoe.export import export_model, gptq_quantize_config, in_memory_layers, non_layer_state, pack_model
 from eacmoe.runtime.manifest import MANIFEST_NAME
-from eacmoe.runtime.packed_modules import PackedExperts, PackedLinear
+from eacmoe.runtime.packed_modules import PackedLinear
 from test_pipeline import calib_ids, quantize
 from tiny_models import FAMILY_NAMES
 
@@ -149,3 +148,23 @@ def test_gptq_config_dynamic_overrides() -> None:
     assert cfg["bits"] == 2 and cfg["format"] == "gptq" and cfg["quant_method"] == "gptq"
     assert set(cfg["dynamic"]) == {r"+:^model\.layers\.0\.self_attn\.q_proj$",
                                    r"+:^model\.layers\.0\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$"}
+
+
+def test_tied_embeddings_export(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM as Auto
+
+    from tiny_models import SPECS
+
+    config = SPECS["mixtral"].make_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = Auto.from_config(config).eval()
+    model.set_experts_implementation("eager")
+    model, q = quantize("mixtral", bits=2, model=model)
+    ids = calib_ids(1, 8, seed=3)
+    with torch.no_grad():
+        reference = model(ids).logits
+    loaded = load(export(model, q, tmp_path / "tied"))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
-"""Save and load sets of QuantizedWeight as plain safetensors (no pickles): `<name>.codes`, `.scales`,
-`.zeros`, `.g_idx` and `.meta` (int32 [bits, group_size, sym])."""
+"""Sets of QuantizedWeight as flat tensor dicts for safetensors (no pickles), as the per-layer progress files of
+--resume store them: `<name>.codes`, `.scales`, `.zeros`, `.g_idx` and `.meta` (int32 [bits, group_size, sym])."""
 from __future__ import annotations
 
 import torch

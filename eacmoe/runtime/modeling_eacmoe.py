@@ -18,7 +18,6 @@ It returns the original transformers model class (e.g. ``MixtralForCausalLM``) h
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -99,19 +98,22 @@ def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None
     for name, spec in config.quantized_modules.items():
         replace_module(model, name, _packed_module(spec, model.get_submodule(name), dtype))
 
-    state = {}
+    # One shard at a time, straight onto the target device: host memory never holds the whole checkpoint.
+    target = str(device) if device is not None else "cpu"
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
     for name in weight_files:
-        state.update(load_file(directory / name))
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not key.endswith(".scales"):
-            state[key] = tensor.to(dtype)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    tied = _tied_keys(model)
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+        shard = load_file(directory / name, device=target)
+        shard = {k: t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t for k, t in shard.items()}
+        unexpected += model.load_state_dict(shard, strict=False, assign=True).unexpected_keys
+        loaded.update(shard)
+        del shard
+    missing = sorted(expected - loaded - _tied_keys(model))
+    if missing or unexpected:
         raise ValueError(f"{directory}: the weight files do not match the architecture (missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}); refusing to run with uninitialised weights")
-    if tied:
+                         f"unexpected {unexpected[:5]}); refusing to run with uninitialised weights")
+    if _tied_keys(model):
         model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
@@ -128,7 +130,7 @@ def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None
         pesf["renormalize"] = bool(pesf_renormalize)
     if pesf.get("enabled"):
         enable_pesf(model, PESFConfig(alpha=float(pesf["alpha"]), renormalize=bool(pesf.get("renormalize", False))))
-    return model.to(device) if device is not None else model
+    return model.to(device) if device is not None else model  # moves what was built on the host (RoPE buffers)
 
 
 def _tied_keys(model: torch.nn.Module) -> set[str]:
