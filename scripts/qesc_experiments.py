@@ -31,7 +31,7 @@ from eacmoe.expert_shift import measure_expert_shift  # noqa: E402
 from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig  # noqa: E402
 from eacmoe.schedule import parse_expert_bits  # noqa: E402
-from eacmoe.workflow import load_model  # noqa: E402
+from eacmoe.workflow import check_group_size, load_model  # noqa: E402
 
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
@@ -73,6 +73,8 @@ def run(args) -> None:
                                                                 args.eval_seqlen) for d in DOMAINS})
         heldout = {k: v for k, v in heldout.items() if v is not None}
         num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
+        # fail before hours of work, not at the first quantized layer (e.g. tiny-qwen-moe's experts are 64 wide)
+        check_group_size(LayerwiseQuantizer(fp_model, QuantizeConfig(expert_bits=[2] * num_layers)), args.group_size)
         fp_key = {"model": model_name, "method": "fp"}
         if json.dumps(fp_key) not in done:
             append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, args.suite_tasks, args.suite_limit))
