@@ -190,7 +190,7 @@ def export_model(out_dir: Path, fmt: str, model: nn.Module, layers: Iterator[Lay
     if fmt not in ("packed", "gptq"):
         raise ValueError(f"export_model writes packed or gptq checkpoints, not {fmt!r}")
     adapter = get_adapter(model)
-    layers_prefix = next(n for n, m in model.named_modules() if m is adapter.decoder_layers(model))
+    layers_prefix = decoder_layers_path(model)
     writer = ShardWriter(out_dir, max_shard_bytes)
     module_specs: dict[str, dict] = {}
     for layer in layers:
@@ -279,10 +279,15 @@ def non_layer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     layers may sit on the meta device)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    adapter = get_adapter(model)
-    prefix = next(n for n, m in model.named_modules() if m is adapter.decoder_layers(model)) + "."
+    prefix = decoder_layers_path(model) + "."
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
     return remove_tied_weights_from_state_dict(state, model)
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Dotted path of the decoder layer list in ``model`` (e.g. "model.layers")."""
+    layers = get_adapter(model).decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
 
 
 def in_memory_layers(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> Iterator[LayerToExport]:
