@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.pesf import PESFConfig, disable_pesf, enable_pesf  # noqa: E402
+from eacmoe.plan import parse_memory  # noqa: E402
 from eacmoe.speed import measure_speed, model_tensor_bytes, peak_rss_bytes  # noqa: E402
 
 log = logging.getLogger("deploy_24gb")
@@ -47,14 +48,10 @@ def ensure_checkpoint(path: Path) -> Path:
     return path
 
 
-def parse_gb(text: str) -> float:
-    return float(text.lower().removesuffix("gb"))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="packed eacmoe export directory")
-    ap.add_argument("--memory-cap", default="24GB", help="GPU memory the process may use (GB = 1e9 bytes)")
+    ap.add_argument("--memory-cap", default="24GB", help="GPU memory the process may use: 24GB (1e9 bytes) or 22GiB")
     ap.add_argument("--batch", type=int, default=4, help="prompts per prefill (paper: 4)")
     ap.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (paper: 512; cut to the model's context)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens decoded after the prefill")
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     checkpoint = ensure_checkpoint(args.checkpoint)
-    cap_bytes = parse_gb(args.memory_cap) * 1e9
+    cap_bytes = parse_memory(args.memory_cap)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)

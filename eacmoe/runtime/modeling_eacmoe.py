@@ -109,11 +109,12 @@ def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None
         unexpected += model.load_state_dict(shard, strict=False, assign=True).unexpected_keys
         loaded.update(shard)
         del shard
-    missing = sorted(expected - loaded - _tied_keys(model))
+    tied = _tied_keys(model)
+    missing = sorted(expected - loaded - tied)
     if missing or unexpected:
         raise ValueError(f"{directory}: the weight files do not match the architecture (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); refusing to run with uninitialised weights")
-    if _tied_keys(model):
+    if tied:
         model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:

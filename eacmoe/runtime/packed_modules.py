@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 try:  # a flat copy inside an exported checkpoint
     from .grid import QuantizedWeight
-    from .packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_gptq, unpack_rows
+    from .packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_rows
 except ImportError:  # the installed eacmoe package
     from eacmoe.quant.grid import QuantizedWeight
-    from eacmoe.quant.packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_gptq, unpack_rows
+    from eacmoe.quant.packing import gptq_tensor_shapes, pack_gptq, unpack_cols, unpack_rows
 
 __all__ = ["EXPERT_PROJS", "PackedExperts", "PackedLinear", "replace_module"]
 
@@ -64,11 +64,6 @@ class PackedLinear(nn.Module):
         if bias is not None:
             module.bias.data.copy_(bias)
         return module
-
-    def quantized_weight(self) -> QuantizedWeight:
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales.view(torch.float16),
-                   "g_idx": self.g_idx}
-        return unpack_gptq(tensors, self.bits, self.group_size, self.sym, format="gptq_v2")
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``[out, in]`` weight ``(code - zero) * scale`` in fp32 (the arithmetic of
