@@ -71,51 +71,88 @@ def change_counts(fp_indices: torch.Tensor, q_indices: torch.Tensor) -> torch.Te
     return fp_indices.shape[-1] - kept
 
 
+@dataclass
+class FPReference:
+    """The FP model's own stream (fp/fp) on a set of held-out inputs: each MoE layer's routing per batch and the
+    hidden states after the last layer. It is the same for every quantized model, so a study comparing many
+    computes it once (`measure_fp_reference`) and passes it to every `measure_expert_shift`."""
+    input_ids: torch.Tensor
+    batch_size: int
+    routing: list[list[Routing] | None]   # per decoder layer, one Routing per batch (None: dense layer)
+    final_hidden: torch.Tensor            # [n, seqlen, hidden], before the final norm
+
+
+@torch.no_grad()
+def measure_fp_reference(fp_model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
+                         device: torch.device | str = "cpu", fp_layers: LayerSource | None = None) -> FPReference:
+    device = torch.device(device)
+    adapter = get_adapter(fp_model)
+    source = fp_layers if fp_layers is not None else ModelLayers(adapter.decoder_layers(fp_model))
+    hidden, layer_kwargs = capture_layer_inputs(fp_model, adapter, input_ids, batch_size, device)
+    routing = []
+    for index in range(len(source)):
+        layer = source.load(index).to(device)
+        block = adapter.moe_block(layer)
+        parts, recorded = [], []
+        for start in range(0, hidden.shape[0], batch_size):
+            x = hidden[start:start + batch_size].to(device)
+            with routed_block(adapter, block, None, recorded) if block is not None else contextlib.nullcontext():
+                parts.append(_first(layer(x, **_kwargs_for(layer_kwargs, x.shape[0], device))).cpu())
+        hidden = torch.cat(parts)
+        routing.append(recorded if block is not None else None)
+        source.release(index, layer.to("cpu"))
+    return FPReference(input_ids, batch_size, routing, hidden)
+
+
 @torch.no_grad()
 def measure_expert_shift(fp_model: nn.Module, q_model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
                          device: torch.device | str = "cpu", fp_layers: LayerSource | None = None,
-                         q_layers: LayerSource | None = None) -> ShiftReport:
+                         q_layers: LayerSource | None = None, reference: FPReference | None = None) -> ShiftReport:
     """Run the four streams (module docstring) over `input_ids` [n, seqlen] and compare them with fp/fp.
 
     `fp_layers` / `q_layers` replace the models' own decoder layers (the models then only provide embedding, final
-    norm and head, and may be the same skeleton)."""
+    norm and head, and may be the same skeleton). `reference`: fp/fp computed before on the same inputs."""
     device = torch.device(device)
     adapter = get_adapter(fp_model)
+    if reference is None:
+        reference = measure_fp_reference(fp_model, input_ids, batch_size, device, fp_layers)
+    elif reference.batch_size != batch_size or not torch.equal(reference.input_ids, input_ids):
+        raise ValueError("the FP reference was measured on other inputs or another batch size")
     fp_source = fp_layers if fp_layers is not None else ModelLayers(adapter.decoder_layers(fp_model))
     q_source = q_layers if q_layers is not None else ModelLayers(adapter.decoder_layers(q_model))
     inputs, layer_kwargs = capture_layer_inputs(fp_model, adapter, input_ids, batch_size, device)
-    streams = {name: inputs.clone() for name in STREAMS}
+    others = STREAMS[1:]
+    streams = {name: inputs.clone() for name in others}
     shift = []
     for index in range(len(fp_source)):
         fp_layer, q_layer = fp_source.load(index).to(device), q_source.load(index).to(device)
         fp_block, q_block = adapter.moe_block(fp_layer), adapter.moe_block(q_layer)
         changed = []
-        new = {name: [] for name in STREAMS}
-        for start in range(0, inputs.shape[0], batch_size):
+        new = {name: [] for name in others}
+        for batch_number, start in enumerate(range(0, inputs.shape[0], batch_size)):
             def run(layer, stream):
                 x = streams[stream][start:start + batch_size].to(device)
                 new[stream].append(_first(layer(x, **_kwargs_for(layer_kwargs, x.shape[0], device))).cpu())
             if fp_block is None:
-                for stream in STREAMS:
+                for stream in others:
                     run(fp_layer if stream.startswith("fp") else q_layer, stream)
                 continue
-            fp_routing, q_routing = [], []
-            with routed_block(adapter, fp_block, None, fp_routing):
-                run(fp_layer, "fp/fp")
+            fp_routing, q_routing = reference.routing[index][batch_number], []
             with routed_block(adapter, q_block, None, q_routing):
                 run(q_layer, "q/q")
             with routed_block(adapter, fp_block, q_routing[0], []):
                 run(fp_layer, "fp/q")
-            with routed_block(adapter, q_block, fp_routing[0], []):
+            with routed_block(adapter, q_block, fp_routing, []):
                 run(q_layer, "q/fp")
-            changed.append(change_counts(fp_routing[0].indices, q_routing[0].indices))
+            changed.append(change_counts(fp_routing.indices, q_routing[0].indices))
         streams = {name: torch.cat(parts) for name, parts in new.items()}
         fp_source.release(index, fp_layer.to("cpu")); q_source.release(index, q_layer.to("cpu"))
         if changed:
             c = torch.cat(changed).float()
-            k = fp_routing[0].indices.shape[-1]
+            k = fp_routing.indices.shape[-1]
             shift.append({"layer": index, "all": (c == k).float().mean().item(), "any": (c >= 1).float().mean().item(),
                           "half": (2 * c >= k).float().mean().item()})
+    streams["fp/fp"] = reference.final_hidden
 
     nll = {name: 0.0 for name in STREAMS}
     kl = {name: 0.0 for name in STREAMS if name != "fp/fp"}

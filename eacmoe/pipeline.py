@@ -62,6 +62,7 @@ class QuantizeConfig:
     router_topk: int | None = None       # K of TopK-MSE; None = the adapter's default (8 of 16, 20 of 64)
     router_steps: int = 1000
     router_lr: float = 1e-3
+    router_solver: str = "adam"          # adam (early-stopped, the default) or ridge (exact; router_calibration.py)
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
     sparse_expert_policy: str = "pool"
     batch_size: int = 8
@@ -393,7 +394,7 @@ class LayerwiseQuantizer:
                 result = calibrate_router(
                     router_weight.data, adapter.router_input(block, router_input_fp), adapter.router_input(block, expert_input),
                     RouterCalibrationConfig(topk=min(topk, num_experts), steps=cfg.router_steps, lr=cfg.router_lr,
-                                            seed=cfg.seed + index),
+                                            solver=cfg.router_solver, seed=cfg.seed + index),
                     selection_scores=lambda logits: adapter.selection_scores(block, logits))
                 router_weight.data.copy_(result.weight)
                 report.router = {"topk": min(topk, num_experts), "loss_before": result.loss_before,

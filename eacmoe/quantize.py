@@ -9,8 +9,13 @@ import argparse
 import logging
 import sys
 
-from .assets import BUNDLED_MODELS, DEFAULT_MODEL
-from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
+# transformers imports torchao when it is installed (GPTQModel, a dev dependency, pulls it in); on a CPU machine
+# torchao logs at WARNING that its CUDA kernels do not load, on every start. Not the user's concern here.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
+from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
 
 log = logging.getLogger("eacmoe.quantize")
 
@@ -41,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K of the TopK-MSE router loss (default: from the model: 8 of 16 experts, 20 of 64, 4 of 8)")
     p.add_argument("--router-steps", type=int, default=1000, help="most Adam steps of router calibration (stops early after 100 steps without held-out improvement)")
     p.add_argument("--router-lr", type=float, default=1e-3, help="Adam learning rate of router calibration")
+    p.add_argument("--router-solver", choices=("adam", "ridge"), default="adam",
+                   help="adam: early-stopped Adam from the FP router; ridge: the exact TopK-MSE minimiser with damping "
+                        "toward the FP router, damping chosen on held-out tokens (docs/ROUTER_SWEEP.md compares them)")
     p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
                    help="an expert that gets fewer calibration tokens than its input width is quantized with the "
                         "layer's pooled tokens (pool) or round-to-nearest (rtn); counted in the log")
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                       attn_bits=None if args.attn_bits == 16 else args.attn_bits, group_size=args.group_size,
                       sym=args.sym, act_order=args.act_order, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
-                      router_lr=args.router_lr, sparse_expert_policy=args.sparse_expert_policy,
+                      router_lr=args.router_lr, router_solver=args.router_solver,
+                      sparse_expert_policy=args.sparse_expert_policy,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
                       lazy=args.lazy, format=args.format)

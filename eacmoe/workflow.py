@@ -67,6 +67,7 @@ class QuantizeJob:
     router_topk: int | None = None
     router_steps: int = 1000
     router_lr: float = 1e-3
+    router_solver: str = "adam"
     sparse_expert_policy: str = "pool"
     eval_samples: int = 32
     eval_seqlen: int | None = None    # None: the model's context, at most 512
@@ -181,7 +182,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
         "average_bits_true": account.true_average_bits,
         "calibration": {"source": job.calib, "nsamples": job.nsamples, "seqlen": job.seqlen, "seed": job.seed},
         "router_calibration": ({"loss": "topk-mse" if job.method == "qesc" else "mse", "topk": job.router_topk,
-                                "max_steps": job.router_steps, "lr": job.router_lr}
+                                "solver": job.router_solver, "max_steps": job.router_steps, "lr": job.router_lr}
                                if job.method in ("qesc", "qesc-mse") else None),
         "sparse_expert_policy": job.sparse_expert_policy,
     }
@@ -248,6 +249,7 @@ def run_job(job: QuantizeJob) -> dict:
     qconfig = QuantizeConfig(expert_bits=expert_bits, method=job.method, attn_bits=job.attn_bits,
                              group_size=job.group_size, sym=job.sym, act_order=job.act_order,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
+                             router_solver=job.router_solver,
                              sparse_expert_policy=job.sparse_expert_policy, seed=job.seed)
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,

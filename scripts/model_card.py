@@ -374,6 +374,24 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
     return "\n".join(lines)
 
 
+def training_sessions_section(sessions: list[dict], final_step: int) -> list[str]:
+    """One row per (re)start of the training run, from the arguments each start recorded in training_log.json."""
+    rows = []
+    for i, session in enumerate(sessions):
+        end = sessions[i + 1]["from_step"] if i + 1 < len(sessions) else final_step
+        if end <= session["from_step"]:
+            continue  # a start that was stopped again before its first step
+        a = session["args"]
+        rows.append([f"{session['from_step']}-{end}", a.get("total_steps", "?"), a.get("balance_coef", "?"),
+                     a.get("lr", "?"), session.get("note", "")])
+    return ["## Training sessions (schedule changes)", "",
+            "The run was stopped and resumed from its checkpoint several times to fit the CPU time available. The "
+            "batch of a step depends only on (seed, step), so resuming does not change the data order; a new "
+            "`--total-steps` changes the cosine schedule from that step on (shorter: the learning rate drops at "
+            "once; longer: it rises again, a warm restart).", "",
+            md_table(["steps", "`--total-steps`", "balance coefficient", "peak lr", "note"], rows, "lrrrl"), ""]
+
+
 def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: dict, disk_bytes: int,
                weight_files: list[str], train_log: dict | None, results: dict, split_info: dict,
                usage_split: str, usage_counts: np.ndarray, summary: list[dict], layer_ids: list[int],
@@ -438,8 +456,10 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
 
     # ---- training run
     hist = (train_log or {}).get("history") or []
+    sessions = (train_log or {}).get("sessions") or []
     if train_log:
-        a = train_log.get("args") or {}
+        # the arguments of the first run, updated by the last restart's (schedule and balance may change)
+        a = {**(train_log.get("args") or {}), **(sessions[-1]["args"] if sessions else {})}
         seen = train_log.get("tokens_seen", 0)
         epochs = f" (~{seen / train_tokens:.2f} epochs of the train split)" if train_tokens else ""
         out += ["## Training", "",
@@ -455,7 +475,8 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
                     f"{a.get('lr')}, {a.get('warmup')} warm-up steps, cosine decay to 10%, gradient clip 1.0, "
                     f"bf16 autocast {'on' if a.get('bf16') != 'False' else 'off'} (fp32 master weights), seed {a.get('seed')}",
                     f"- load balancing: Switch-style balance loss computed per layer and averaged "
-                    f"(coefficient {a.get('balance_coef')}); the transformers pooled auxiliary loss is off",
+                    f"(coefficient {a.get('balance_coef')}"
+                    + ("; per session below" if len(sessions) > 1 else "") + "); the transformers pooled auxiliary loss is off",
                     ]
         out += ["- exported as bf16 safetensors", ""]
     if hist:
@@ -476,6 +497,12 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
                         + [f"{100 * min(h['min_expert_share_per_layer']):.1f}%" if h.get("min_expert_share_per_layer") else "-"])
         out += [md_table(["step", "tokens", "wall", "train loss", "val loss"] + [f"val {d}" for d in doms]
                          + ["min expert share (any layer)"], rows), ""]
+        if len(hist) >= 2:
+            recent = hist[-min(4, len(hist))]
+            out += [f"Over the last {hist[-1]['tokens'] - recent['tokens']:,} tokens (step {recent['step']} to "
+                    f"{hist[-1]['step']}) the validation loss changed by {hist[-1]['loss'] - recent['loss']:+.3f}.", ""]
+    if len(sessions) > 1:
+        out += training_sessions_section(sessions, train_log.get("step", 0))
 
     # ---- evaluation
     out += ["## Evaluation: perplexity per domain", "",

@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -27,26 +28,28 @@ sys.path.insert(0, str(REPO / "eval"))
 
 from eacmoe.adapters import get_adapter  # noqa: E402
 from eacmoe.calibration import get_calibration_data  # noqa: E402
-from eacmoe.expert_shift import measure_expert_shift  # noqa: E402
+from eacmoe.expert_shift import measure_expert_shift, measure_fp_reference  # noqa: E402
 from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig  # noqa: E402
 from eacmoe.schedule import parse_expert_bits  # noqa: E402
-from eacmoe.workflow import check_group_size, load_model  # noqa: E402
+from eacmoe.workflow import bits_account, check_group_size, load_model  # noqa: E402
 
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 
-def evaluate(fp_model, q_model, tokenizer, heldout: dict, suite_tasks: list[str], suite_limit: float | None) -> dict:
+def evaluate(fp_model, q_model, tokenizer, heldout: dict, references: dict, args, suite: bool = True) -> dict:
     row = {}
     for source, ids in heldout.items():
-        rep = measure_expert_shift(fp_model, q_model, ids, batch_size=8)
-        row[source] = {"ppl": rep.perplexity, "kl": rep.kl_from_fp, "shift": rep.mean_shift()}
-    if suite_tasks and suite_limit != 0:
+        rep = measure_expert_shift(fp_model, q_model, ids, batch_size=8, reference=references[source])
+        row[source] = {"ppl": rep.perplexity, "kl": rep.kl_from_fp, "shift": rep.mean_shift(),
+                       "shift_per_layer": [layer["any"] for layer in rep.shift]}
+    if suite and args.suite_tasks and args.suite_limit != 0:
         from run_suite import evaluate_model_object, summarize
 
-        row["suite"] = summarize(evaluate_model_object(q_model, tokenizer, suite_tasks, limit=suite_limit))
+        row["suite"] = summarize(evaluate_model_object(q_model, tokenizer, args.suite_tasks, limit=args.suite_limit,
+                                                       batch_size=args.suite_batch_size))
     return row
 
 
@@ -62,7 +65,7 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     with (args.out / "commands.txt").open("a") as f:  # every invocation that added rows, for RESULTS.md
-        f.write("python " + " ".join(sys.argv) + "\n")
+        f.write(args.command + "\n")
     done = set()
     if results_path.exists():
         done = {json.dumps(json.loads(line)["key"]) for line in results_path.read_text().splitlines() if line}
@@ -72,12 +75,13 @@ def run(args) -> None:
         heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
                                                                 args.eval_seqlen) for d in DOMAINS})
         heldout = {k: v for k, v in heldout.items() if v is not None}
+        references = {k: measure_fp_reference(fp_model, ids, batch_size=8) for k, ids in heldout.items()}  # fp/fp once
         num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
         # fail before hours of work, not at the first quantized layer (e.g. tiny-qwen-moe's experts are 64 wide)
         check_group_size(LayerwiseQuantizer(fp_model, QuantizeConfig(expert_bits=[2] * num_layers)), args.group_size)
         fp_key = {"model": model_name, "method": "fp"}
         if json.dumps(fp_key) not in done:
-            append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, args.suite_tasks, args.suite_limit))
+            append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, references, args))
         for setting in args.settings:
             for bits in args.bits:
                 for method in args.methods:
@@ -90,14 +94,18 @@ def run(args) -> None:
                                              attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed)
                         calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
                         t0 = time.perf_counter()
-                        LayerwiseQuantizer(q_model, cfg).run(calib)
+                        quantizer = LayerwiseQuantizer(q_model, cfg)
+                        quantizer.run(calib)
                         seconds = time.perf_counter() - t0
-                        append(results_path, key, {**evaluate(fp_model, q_model, tokenizer, heldout, args.suite_tasks, args.suite_limit),
-                                                   "seconds": seconds})
+                        append(results_path, key, {**evaluate(fp_model, q_model, tokenizer, heldout, references, args),
+                                                   "seconds": seconds,
+                                                   "average_bits": bits_account(quantizer).paper_average_bits})
+                        del quantizer
                         if method == "qesc":
+                            # a diagnostic for the paired router comparison (shift, KL, ppl): no suite run
                             restore_fp_routers(q_model, fp_model)
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
-                                   evaluate(fp_model, q_model, tokenizer, heldout, args.suite_tasks, args.suite_limit))
+                                   evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False))
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md")
 
@@ -122,6 +130,7 @@ COLUMNS = [
     ("WT2 ppl", "wikitext2", lambda e: e["ppl"]["q/q"], 1),
     *[(f"{d} ppl", f"bundled-test:{d}", lambda e: e["ppl"]["q/q"], 1) for d in DOMAINS],
     ("oracle ppl", "bundled-test", lambda e: e["ppl"]["q/fp"], 2),
+    ("FP + q routing ppl", "bundled-test", lambda e: e["ppl"]["fp/q"], 2),
     ("KL(FP‖q) ×1e3", "bundled-test", lambda e: 1e3 * e["kl"]["q/q"], 2),
     ("shift any %", "bundled-test", lambda e: 100 * e["shift"]["any"], 2),
     ("shift half %", "bundled-test", lambda e: 100 * e["shift"]["half"], 2),
@@ -157,12 +166,14 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
              "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
              "model (any / at least half / all of the k), averaged over MoE layers. `qesc-experts+fp-router` = the QESC "
              "model with its routers reset to FP (same quantized experts).", "",
-             "| model | setting | bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
+             "| model | setting | bits | avg bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, setting, bits, method), rs in groups.items():
         cells = [_mean_spread([v for r in rs if (v := _value(r, src, get)) is not None], digits)
                  for _, src, get, digits in COLUMNS]
-        lines.append(f"| {model} | {setting} | {bits} | {method} | {len(rs)} | " + " | ".join(cells) + " |")
+        average_bits = next((f"{r['average_bits']:.2f}" for r in rs if "average_bits" in r), "–")
+        lines.append(f"| {model} | {setting} | {bits} | {average_bits} | {method} | {len(rs)} | "
+                     + " | ".join(cells) + " |")
 
     lines += ["", "Paired differences, per calibration seed (same calibration tokens; mean ± sd of the differences):",
               "`qesc − gptq`: router calibration and experts quantized with the calibrated routing vs plain GPTQ; "
@@ -184,8 +195,11 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
                 continue
             cells = [_mean_spread([get(a) - get(b) for a, b in pairs], digits) for _, get, digits in PAIRED]
             lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | " + " | ".join(cells) + " |")
+    lines += ["", "![shift and KL per method](shift.png)", "",
+              "![shift per layer](shift_per_layer.png)", ""]
     md_path.write_text("\n".join(lines) + "\n")
     plot_shift(groups, md_path.with_name("shift.png"))
+    plot_shift_per_layer(groups, md_path.with_name("shift_per_layer.png"))
 
 
 def plot_shift(groups: dict[tuple, list[dict]], path: Path) -> None:
@@ -224,7 +238,40 @@ def plot_shift(groups: dict[tuple, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def plot_shift_per_layer(groups: dict[tuple, list[dict]], path: Path) -> None:
+    """Per MoE layer, the share of tokens with a changed top-k set (mean over seeds): one panel per model, setting
+    and bit width, one line per method. Errors carried in from earlier layers make it grow with depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(m, s, b) for (m, s, b, method) in groups if method != "fp"}, key=lambda p: (p[0], p[1], float(p[2])))
+    panels = [p for p in panels if any("shift_per_layer" in r["bundled-test"] for meth in ("gptq", "qesc")
+                                       for r in groups.get((*p, meth), []))]
+    if not panels:
+        return
+    columns = sorted({b for (_, _, b) in panels}, key=float)
+    rows = sorted({(m, s) for (m, s, _) in panels})
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4 * len(columns), 2.8 * len(rows)), squeeze=False)
+    for (model, setting, bits) in panels:
+        ax = axes[rows.index((model, setting))][columns.index(bits)]
+        for method in ("rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"):
+            curves = [r["bundled-test"]["shift_per_layer"] for r in groups.get((model, setting, bits, method), [])
+                      if "shift_per_layer" in r["bundled-test"]]
+            if curves:
+                mean = [100 * statistics.mean(layer) for layer in zip(*curves)]
+                ax.plot(range(len(mean)), mean, marker="o", markersize=3, label=method)
+        ax.set_title(f"{model}, {setting}, {bits}-bit", fontsize=9)
+        ax.set_xlabel("MoE layer", fontsize=8)
+        ax.set_ylabel("shift any %", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen-moe"], help="bundled names or paths")
     ap.add_argument("--bits", nargs="+", default=["2", "2.5", "3"], help="expert bit schedules")
@@ -242,9 +289,12 @@ def main() -> None:
                          "streams already: bundled test split and WikiText-2)")
     ap.add_argument("--suite-limit", type=float, default=None,
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
+    ap.add_argument("--suite-batch-size", type=int, default=16,
+                    help="lm-eval batch size (results equal batch size 1 within float rounding; ~1.6x faster on CPU)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and shift.png from results.jsonl")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.command = "python scripts/qesc_experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.suite_tasks = [t for t in args.suite_tasks.split(",") if t]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.report_only:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +31,8 @@ from eacmoe.workflow import load_model
 log = logging.getLogger("router_sweep")
 
 
-def record_router_inputs(model, bits: str, nsamples: int, seqlen: int, seed: int, tokenizer) -> list[dict]:
+def record_router_inputs(model, bits: str, nsamples: int, seqlen: int, seed: int, tokenizer,
+                         group_size: int = 128) -> list[dict]:
     """Run QESC once and keep each layer's (W, x_fp, x_q, K, top-k)."""
     records = []
     original = pipeline.calibrate_router
@@ -41,7 +44,8 @@ def record_router_inputs(model, bits: str, nsamples: int, seqlen: int, seed: int
     pipeline.calibrate_router = recording
     try:
         n_layers = len(get_adapter(model).decoder_layers(model))
-        cfg = pipeline.QuantizeConfig(expert_bits=parse_expert_bits(bits, n_layers), method="qesc", seed=seed)
+        cfg = pipeline.QuantizeConfig(expert_bits=parse_expert_bits(bits, n_layers), method="qesc", seed=seed,
+                                      group_size=group_size)
         pipeline.LayerwiseQuantizer(model, cfg).run(get_calibration_data("bundled", tokenizer, nsamples, seqlen, seed))
     finally:
         pipeline.calibrate_router = original
@@ -61,7 +65,7 @@ def score(record: dict, weight: torch.Tensor, test: slice) -> tuple[float, float
     return mse, shift
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-mixtral", help="bundled name or path")
     ap.add_argument("--bits", default="2", help="expert bits of the recording run")
@@ -70,28 +74,42 @@ def main() -> None:
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2], help="Adam learning rates")
     ap.add_argument("--steps", nargs="+", type=int, default=[50, 200, 1000], help="Adam steps")
     ap.add_argument("--ks", nargs="+", type=int, default=None, help="TopK-MSE K values (default: the model's default)")
+    ap.add_argument("--group-size", type=int, default=128, help="GPTQ group size of the recording run (tiny-qwen-moe: 64)")
     ap.add_argument("--seed", type=int, default=0, help="seed")
+    ap.add_argument("--objectives", nargs="+", choices=("auto", "tokens", "statistics"), default=["auto"],
+                    help="how Adam evaluates the loss (same values; compare their time per layer)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file for the table")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     model, tokenizer = load_model(args.model, torch.float32)
-    records = record_router_inputs(model, args.bits, args.nsamples, args.seqlen, args.seed, tokenizer)
+    records = record_router_inputs(model, args.bits, args.nsamples, args.seqlen, args.seed, tokenizer, args.group_size)
     n = records[0]["x_q"].shape[0]
     fit, test = slice(0, int(0.8 * n)), slice(int(0.8 * n), n)
     base = [score(r, r["weight"], test) for r in records]
-    lines = [f"`{' '.join(sys.argv)}`: {len(records)} MoE layers, {n} tokens (fit on 80%, scored on 20%).", "",
-             "| K | lr | steps | held-out TopK-MSE (mean over layers) | shift any % (uncalibrated → calibrated) |",
-             "|---|---|---|---|---|",
-             f"| – | – | 0 | {statistics.mean(m for m, _ in base):.4g} | {100 * statistics.mean(s for _, s in base):.2f} |"]
-    for k, lr, steps in itertools.product(args.ks or [None], args.lrs, args.steps):
-        scores = []
+    command = "python scripts/router_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    lines = [f"`{command}`: {len(records)} MoE layers, {n} tokens (fit on 80%, scored on 20%).", "",
+             "| K | solver | objective | lr | steps | held-out TopK-MSE (mean over layers) "
+             "| shift any % (uncalibrated → calibrated) | seconds per layer |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| – | – | – | – | 0 | {statistics.mean(m for m, _ in base):.4g} | "
+             f"{100 * statistics.mean(s for _, s in base):.2f} | – |"]
+    # Adam over the grid; "ridge" = the exact minimiser with damping toward the FP router, chosen on held-out tokens
+    solvers = [("adam", objective, lr, steps)
+               for objective, lr, steps in itertools.product(args.objectives, args.lrs, args.steps)]
+    solvers.append(("ridge", "statistics", None, None))
+    for k, (solver, objective, lr, steps) in itertools.product(args.ks or [None], solvers):
+        scores, start = [], time.perf_counter()
         for r in records:
             topk = min(k or r["topk"], r["weight"].shape[0])
-            result = calibrate_router(r["weight"], r["x_fp"][fit], r["x_q"][fit],
-                                      RouterCalibrationConfig(topk=topk, steps=steps, lr=lr, seed=args.seed))
+            config = RouterCalibrationConfig(topk=topk, seed=args.seed, solver=solver, objective=objective,
+                                             **({"steps": steps, "lr": lr} if solver == "adam" else {}))
+            result = calibrate_router(r["weight"], r["x_fp"][fit], r["x_q"][fit], config)
             scores.append(score({**r, "topk": topk}, result.weight, test))
-        lines.append(f"| {k or 'default'} | {lr:g} | {steps} | {statistics.mean(m for m, _ in scores):.4g} | "
-                     f"{100 * statistics.mean(s for _, s in base):.2f} → {100 * statistics.mean(s for _, s in scores):.2f} |")
+        seconds = (time.perf_counter() - start) / len(records)
+        lines.append(f"| {k or 'default'} | {solver} | {objective} | {'–' if lr is None else f'{lr:g}'} | "
+                     f"{steps or '–'} | {statistics.mean(m for m, _ in scores):.4g} | "
+                     f"{100 * statistics.mean(s for _, s in base):.2f} → {100 * statistics.mean(s for _, s in scores):.2f} "
+                     f"| {seconds:.2f} |")
         log.info(lines[-1])
     text = "\n".join(lines) + "\n"
     print(text)

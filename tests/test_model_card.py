@@ -41,7 +41,10 @@ def tiny_model_dir(tmp_path_factory):
         "step": 300, "tokens_seen": 300 * 4096, "wall_seconds": 300.0, "history": history,
         "args": {"arch": "mixtral", "out": "runs/tiny-test", "total_steps": "300", "batch": "16", "seqlen": "256",
                  "lr": "0.002", "warmup": "20", "balance_coef": "0.02", "eval_every": "100", "bf16": "True",
-                 "threads": "None", "seed": "0", "stop_after_minutes": "None", "export": "None"}}))
+                 "threads": "None", "seed": "0", "stop_after_minutes": "None", "export": "None"},
+        # two restarts: the second changed the schedule and the balance coefficient
+        "sessions": [{"from_step": 0, "args": {"total_steps": "400", "balance_coef": "0.02", "lr": "0.002"}},
+                     {"from_step": 150, "args": {"total_steps": "300", "balance_coef": "0.05", "lr": "0.002"}}]}))
     return out
 
 
@@ -72,6 +75,10 @@ def test_model_card_outputs(tiny_model_dir):
                    "## Load balance", "expert_usage.png", "training_curve.png", "scripts/train_tiny_moe.py --arch mixtral",
                    "scripts/model_card.py", "Intended use", "fp32"):
         assert needle in card, needle
+    # the schedule changes come from the sessions each start recorded; the summary uses the last one's arguments
+    assert "| 0-150 | 400 | 0.02 | 0.002 |" in card and "| 150-300 | 300 | 0.05 | 0.002 |" in card
+    assert "steps: 300 of a 300-step cosine schedule" in card and "coefficient 0.05; per session below" in card
+    assert "the validation loss changed by -2.000" in card
 
 
 def test_window_starts_cover_every_token_once():

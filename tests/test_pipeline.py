@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from eacmoe.expert_shift import change_counts, measure_expert_shift
+from eacmoe.expert_shift import change_counts, measure_expert_shift, measure_fp_reference
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig
 from tiny_models import FAMILY_NAMES, VOCAB, build
 
@@ -18,13 +18,13 @@ def calib_ids(n: int = 4, seq: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def quantize(name: str, method: str = "qesc", bits: int | list[int] = 2, progress_dir=None, stop_after_layer=None, resume=False,
-             model=None, group_size: int = 8):
+             model=None, group_size: int = 8, router_solver: str = "adam"):
     if model is None:
         model, _ = build(name)
     n_layers = len(model.model.layers)
     expert_bits = list(bits) if isinstance(bits, (list, tuple)) else [bits] * n_layers
     cfg = QuantizeConfig(expert_bits=expert_bits, method=method, group_size=group_size, router_steps=20,
-                         batch_size=2)
+                         batch_size=2, router_solver=router_solver)
     q = LayerwiseQuantizer(model, cfg, progress_dir=progress_dir)
     q.run(calib_ids(), resume=resume, stop_after_layer=stop_after_layer)
     return model, q
@@ -62,8 +62,9 @@ def test_full_qesc_run_every_family(name: str) -> None:
     assert torch.isfinite(logits).all()
 
 
-def test_router_calibration_changes_only_routers_and_lowers_loss() -> None:
-    model, q = quantize("mixtral")
+@pytest.mark.parametrize("router_solver", ["adam", "ridge"])
+def test_router_calibration_changes_only_routers_and_lowers_loss(router_solver: str) -> None:
+    model, q = quantize("mixtral", router_solver=router_solver)
     for r in q.reports:
         assert r.router["loss_after"] <= r.router["loss_before"]
     assert any(r.router["loss_after"] < r.router["loss_before"] for r in q.reports)
@@ -132,3 +133,17 @@ def test_oracle_stream_uses_fp_routing() -> None:
     report = measure_expert_shift(fp_model, q_model, calib_ids(2), batch_size=1)
     assert any(s["any"] > 0 for s in report.shift)  # 2-bit RTN shifts some routing
     assert report.kl_from_fp["q/q"] > 0
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v2"])  # deepseek_v2: a dense first layer
+def test_precomputed_fp_reference_gives_the_same_report(name: str) -> None:
+    fp_model, _ = build(name)
+    q_model, _ = quantize(name, method="rtn", bits=2)
+    ids = calib_ids(3)
+    fresh = measure_expert_shift(fp_model, q_model, ids, batch_size=2)
+    reference = measure_fp_reference(fp_model, ids, batch_size=2)
+    reused = [measure_expert_shift(fp_model, q_model, ids, batch_size=2, reference=reference) for _ in range(2)]
+    for report in reused:
+        assert report.to_dict() == fresh.to_dict()
+    with pytest.raises(ValueError, match="other inputs"):
+        measure_expert_shift(fp_model, q_model, calib_ids(3, seed=1), batch_size=2, reference=reference)

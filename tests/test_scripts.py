@@ -1,0 +1,98 @@
+"""Smoke tests of the measurement scripts on the bundled tiny-mixtral with small settings: they run end to end,
+write what they promise, and their numbers obey the properties that must hold whatever the machine."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def packed_checkpoint(tmp_path_factory) -> Path:
+    """A packed export of the bundled tiny-mixtral (GPTQ 2-bit experts, 4-bit attention, a tiny calibration)."""
+    from eacmoe.workflow import QuantizeJob, run_job
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-mixtral-w2"
+    run_job(QuantizeJob(out=str(out), method="gptq", nsamples=4, seqlen=64, eval_samples=2, eval_seqlen=32))
+    return out
+
+
+def test_pesf_sweep_writes_report_and_skips_more_with_larger_alpha(tmp_path):
+    sweep = _load_script("pesf_sweep")
+    sweep.main(["--alphas", "0.3", "1.0", "--eval-samples", "4", "--seqlen", "64", "--batch-size", "4",
+                "--speed-batch", "1", "--speed-rounds", "1", "--suite-limit", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["alpha"], r["weights"]) for r in rows] == [(0.0, "-"), (0.3, "drop"), (0.3, "renormalise"),
+                                                         (1.0, "drop"), (1.0, "renormalise")]
+    assert rows[0]["skipped_slots"] == 0.0 and rows[0]["kl"] == 0.0
+    for weights in ("drop", "renormalise"):
+        low, high = (r for r in rows if r["weights"] == weights)
+        assert 0.0 <= low["skipped_slots"] < high["skipped_slots"] < 1.0  # a larger threshold skips more
+        assert high["kl"] > 0.0
+    assert (tmp_path / "pesf_sweep.png").stat().st_size > 0 and "| 0.3 | drop |" in (tmp_path / "PESF.md").read_text()
+
+
+def test_deploy_demo_runs_on_cpu_and_prints_the_mixtral_plan(packed_checkpoint, tmp_path, capsys):
+    deploy = _load_script("deploy_24gb")
+    result_path = tmp_path / "deploy.json"
+    assert deploy.main(["--checkpoint", str(packed_checkpoint), "--batch", "1", "--prompt-len", "32",
+                        "--decode-tokens", "2", "--repeats", "1", "--device", "cpu", "--json-out", str(result_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "PESF skipped" in printed and "mixtral" in printed.lower()
+    payload = json.loads(result_path.read_text())
+    assert set(payload["results"]) == {"without PESF", "PESF alpha=0.3"}
+    for r in payload["results"].values():
+        assert r["prefill_tokens_per_second"] > 0 and r["decode_tokens_per_second"] > 0 and r["prompt_perplexity"] > 1
+
+
+def test_runtime_benchmark_compares_three_variants(packed_checkpoint, tmp_path):
+    bench = _load_script("benchmark_runtime")
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--checkpoint", str(packed_checkpoint), "--batch", "1", "--prompt-len", "32", "--decode-tokens", "2",
+                       "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    for variant in ("fp", "packed", "packed+pesf"):
+        assert f"| {variant} |" in table, table
+
+
+def test_qesc_experiments_pairs_methods_and_resumes(tmp_path):
+    experiments = _load_script("qesc_experiments")
+    argv = ["--models", "tiny-mixtral", "--bits", "2", "--seeds", "0", "1", "--methods", "gptq", "qesc",
+            "--settings", "experts", "--nsamples", "4", "--seqlen", "32", "--eval-samples", "4", "--eval-seqlen", "32",
+            "--suite-limit", "0", "--out", str(tmp_path)]
+    experiments.main(argv)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    methods = sorted((r["key"]["method"], r["key"].get("seed")) for r in rows)
+    assert methods == [("fp", None), ("gptq", 0), ("gptq", 1), ("qesc", 0), ("qesc", 1),
+                       ("qesc-experts+fp-router", 0), ("qesc-experts+fp-router", 1)]
+    fp = next(r for r in rows if r["key"]["method"] == "fp")
+    assert fp["bundled-test"]["shift"]["any"] == 0.0 and fp["bundled-test"]["kl"]["q/q"] == pytest.approx(0, abs=1e-9)
+    for r in rows:
+        if r["key"]["method"] != "fp":
+            assert 0 < r["bundled-test"]["shift"]["any"] < 1 and len(r["bundled-test"]["shift_per_layer"]) == 8
+    assert all(r["average_bits"] == 2.0 for r in rows if "average_bits" in r)  # experts only: every quantized weight 2-bit
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| tiny-mixtral | experts | 2 | qesc − gptq | 2 |" in report and "qesc − same experts, FP router" in report
+    assert (tmp_path / "shift.png").stat().st_size > 0 and (tmp_path / "shift_per_layer.png").stat().st_size > 0
+    experiments.main(argv)  # a rerun finds every row done and adds none
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
+    assert (tmp_path / "commands.txt").read_text().startswith("python scripts/qesc_experiments.py --models tiny-mixtral")
+
+
+def test_router_sweep_compares_adam_and_ridge(tmp_path):
+    sweep = _load_script("router_sweep")
+    out = tmp_path / "sweep.md"
+    sweep.main(["--nsamples", "4", "--seqlen", "64", "--lrs", "1e-3", "--steps", "5", "--out", str(out)])
+    table = out.read_text()
+    assert "| default | adam | auto | 0.001 | 5 |" in table and "| default | ridge | statistics | – | – |" in table
