@@ -151,6 +151,42 @@ def _value(row: dict, source: str, get) -> float | None:
         return None
 
 
+def _pairs(rows: list[dict], runs: list[dict], other: str) -> list[tuple[dict, dict]]:
+    """(run, the run of method `other` with the same model, setting, bits and seed) for every run that has one."""
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    twins = ((r, by_key.get(json.dumps({**r["key"], "method": other}, sort_keys=True))) for r in runs)
+    return [(r, twin) for r, twin in twins if twin is not None]
+
+
+def summary_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
+    """The headline per (model, setting, bits): perplexity, shift and KL of GPTQ vs QESC, and their paired gaps."""
+    shift = PAIRED[0][1]
+    kl = PAIRED[1][1]
+    ppl = PAIRED[2][1]
+    lines = ["Summary (test split; Δ = QESC − GPTQ paired by calibration seed, mean ± sd):", "",
+             "| model | setting | bits (avg) | FP ppl | RTN ppl | GPTQ ppl | QESC ppl | Δ ppl | oracle ppl (GPTQ) "
+             "| shift any % GPTQ → QESC | Δ shift (pp) | KL ×1e3 GPTQ → QESC | Δ KL ×1e3 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, setting, bits, method), qesc in groups.items():
+        pairs = _pairs(rows, qesc, "gptq") if method == "qesc" else []
+        if not pairs:
+            continue
+        gptq = [b for _, b in pairs]
+        fp = groups.get((model, "fp", "16", "fp"), [])
+        rtn = groups.get((model, setting, bits, "rtn"), [])
+        average_bits = next((f" ({r['average_bits']:.2f})" for r in qesc if "average_bits" in r), "")
+        oracle = [r["bundled-test"]["ppl"]["q/fp"] for r in gptq]
+        lines.append(
+            f"| {model} | {setting} | {bits}{average_bits} | {_mean_spread([ppl(r) for r in fp], 2)} | "
+            f"{_mean_spread([ppl(r) for r in rtn], 2)} | {_mean_spread([ppl(r) for r in gptq], 2)} | "
+            f"{_mean_spread([ppl(r) for r in qesc], 2)} | {_mean_spread([ppl(a) - ppl(b) for a, b in pairs], 2)} | "
+            f"{_mean_spread(oracle, 2)} | {statistics.mean(shift(r) for r in gptq):.2f} → "
+            f"{statistics.mean(shift(r) for r in qesc):.2f} | {_mean_spread([shift(a) - shift(b) for a, b in pairs], 2)} | "
+            f"{statistics.mean(kl(r) for r in gptq):.2f} → {statistics.mean(kl(r) for r in qesc):.2f} | "
+            f"{_mean_spread([kl(a) - kl(b) for a, b in pairs], 2)} |")
+    return lines
+
+
 def write_markdown(results_path: Path, md_path: Path) -> None:
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line]
     commands_path = results_path.with_name("commands.txt")
@@ -166,6 +202,8 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
              "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
              "model (any / at least half / all of the k), averaged over MoE layers. `qesc-experts+fp-router` = the QESC "
              "model with its routers reset to FP (same quantized experts).", "",
+             *summary_table(rows, groups), "",
+             "All columns:", "",
              "| model | setting | bits | avg bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
     for (model, setting, bits, method), rs in groups.items():
@@ -180,17 +218,12 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
               "`qesc − same experts, FP router`: the calibrated router's own effect on the very same quantized experts.",
               "", "| model | setting | bits | comparison | n | " + " | ".join(c[0] for c in PAIRED) + " |",
               "|---|---|---|---|---|" + "---|" * len(PAIRED)]
-    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
     for (model, setting, bits, method), rs in groups.items():
         if method != "qesc":
             continue
         for other, label in (("gptq", "qesc − gptq"), ("qesc-experts+fp-router", "qesc − same experts, FP router"),
                              ("qesc-mse", "qesc − qesc-mse")):
-            pairs = []
-            for r in rs:
-                twin = by_key.get(json.dumps({**r["key"], "method": other}, sort_keys=True))
-                if twin is not None:
-                    pairs.append((r, twin))
+            pairs = _pairs(rows, rs, other)
             if not pairs:
                 continue
             cells = [_mean_spread([get(a) - get(b) for a, b in pairs], digits) for _, get, digits in PAIRED]
