@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import shlex
 import statistics
 import sys
@@ -117,6 +118,7 @@ def append(path: Path, key: dict, row: dict) -> None:
 
 
 def _mean_spread(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if not math.isnan(v)]  # NaN: a source that was not available (e.g. WikiText-2)
     if not values:
         return "–"
     if len(values) == 1:
