@@ -19,8 +19,8 @@ L is quadratic in W' and separates by router row: row i only meets the tokens wh
 i. So besides evaluating it on the token rows (memory tokens x hidden, cost per step tokens x hidden x experts),
 it can be evaluated exactly from per-expert statistics H_i = sum x' x'^T, b_i = sum a x', c_i = sum a^2
 (memory experts x hidden^2, cost per step independent of the number of tokens). Both give the same loss and
-gradient, hence the same Adam trajectory; on small routers the statistics are several times faster (the router
-stage of a tiny-qwen-moe QESC run on one CPU thread: 132 s -> 41 s). "auto" takes them when they fit in
+gradient, hence the same Adam trajectory; on small routers the statistics are several times faster (1000 Adam
+steps on a tiny-mixtral router: 0.78 s instead of 2.15 s, docs/ROUTER_SWEEP.md). "auto" takes them when they fit in
 STATISTICS_BUDGET_BYTES or in the memory of the token rows they replace (Mixtral-8x7B: tokens).
 """
 from __future__ import annotations
