@@ -73,12 +73,15 @@ class TokenObjective:
         self.target = target_logits * self.mask
         self.scale = 1.0 / topk_index.numel()
 
+    def _residual(self, weight: torch.Tensor) -> torch.Tensor:
+        return (self.x @ weight.T) * self.mask - self.target
+
     def loss_and_grad(self, weight: torch.Tensor) -> tuple[float, torch.Tensor]:
-        residual = (self.x @ weight.T) * self.mask - self.target
+        residual = self._residual(weight)
         return self.scale * residual.pow(2).sum().item(), (2 * self.scale) * (residual.T @ self.x)
 
     def loss(self, weight: torch.Tensor) -> float:
-        return self.scale * ((self.x @ weight.T) * self.mask - self.target).pow(2).sum().item()
+        return self.scale * self._residual(weight).pow(2).sum().item()
 
 
 class StatisticsObjective:

@@ -37,6 +37,8 @@ from eacmoe.workflow import bits_account, check_group_size, load_model  # noqa: 
 
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
+# the order of rows in the tables and of bars and lines in the plots
+METHOD_ORDER = ["fp", "rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"]
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 
@@ -69,7 +71,7 @@ def run(args) -> None:
         f.write(args.command + "\n")
     done = set()
     if results_path.exists():
-        done = {json.dumps(json.loads(line)["key"]) for line in results_path.read_text().splitlines() if line}
+        done = {json.dumps(r["key"]) for r in load_rows(results_path)}
     for model_name in args.models:
         fp_model, tokenizer = load_model(model_name, torch.float32)
         heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")}
@@ -189,14 +191,24 @@ def summary_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str
     return lines
 
 
-def write_markdown(results_path: Path, md_path: Path) -> None:
+def load_rows(results_path: Path) -> list[dict]:
+    """The rows of results.jsonl, one per key: when two processes sharing the file computed the same key (e.g. a
+    model's FP row), the later row wins."""
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line]
+    return list({json.dumps(r["key"], sort_keys=True): r for r in rows}.values())
+
+
+def write_markdown(results_path: Path, md_path: Path) -> None:
+    rows = load_rows(results_path)
     commands_path = results_path.with_name("commands.txt")
     commands = list(dict.fromkeys(commands_path.read_text().splitlines())) if commands_path.exists() else []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["key"]
         groups.setdefault((k["model"], k.get("setting", "fp"), str(k.get("bits", "16")), k["method"]), []).append(r)
+    settings = ["fp", *SETTINGS]
+    groups = dict(sorted(groups.items(), key=lambda g: (g[0][0], settings.index(g[0][1]), float(g[0][2]),
+                                                        METHOD_ORDER.index(g[0][3]))))
     lines = ["Produced by (rows appended by each command in turn; `--report-only` rewrites this file):", "",
              *[f"    {c}" for c in commands], "",
              "Mean ± sample standard deviation over calibration seeds (n). test ppl, KL and shift rates on the bundled "
@@ -247,7 +259,7 @@ def plot_shift(groups: dict[tuple, list[dict]], path: Path) -> None:
     panels = sorted({(m, s) for (m, s, _b, method) in groups if method != "fp"})
     if not panels:
         return
-    methods = ["rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"]
+    methods = METHOD_ORDER[1:]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 6.5), squeeze=False)
     for col, (model, setting) in enumerate(panels):
         bits = sorted({b for (m, s, b, _) in groups if (m, s) == (model, setting)}, key=float)
@@ -291,7 +303,7 @@ def plot_shift_per_layer(groups: dict[tuple, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(4 * len(columns), 2.8 * len(rows)), squeeze=False)
     for (model, setting, bits) in panels:
         ax = axes[rows.index((model, setting))][columns.index(bits)]
-        for method in ("rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"):
+        for method in METHOD_ORDER[1:]:
             curves = [r["bundled-test"]["shift_per_layer"] for r in groups.get((model, setting, bits, method), [])
                       if "shift_per_layer" in r["bundled-test"]]
             if curves:

@@ -96,3 +96,27 @@ def test_router_sweep_compares_adam_and_ridge(tmp_path):
     sweep.main(["--nsamples", "4", "--seqlen", "64", "--lrs", "1e-3", "--steps", "5", "--out", str(out)])
     table = out.read_text()
     assert "| default | adam | auto | 0.001 | 5 |" in table and "| default | ridge | statistics | – | – |" in table
+
+
+def test_qesc_report_keeps_one_row_per_key_in_table_order(tmp_path):
+    """Two processes sharing results.jsonl may both write a model's FP row; the report counts it once, and lists
+    groups by model, setting, numeric bits and method whatever order the rows finished in."""
+    experiments = _load_script("qesc_experiments")
+
+    def row(method, bits=None, seed=None, setting="attn4", ppl=50.0):
+        key = {"model": "m", "method": method} if method == "fp" else \
+            {"model": "m", "setting": setting, "bits": bits, "method": method, "seed": seed}
+        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": 0.01}, "shift": {"any": 0.1, "half": 0.1,
+                                                                                               "all": 0.0}}
+        return {"key": key, "bundled-test": entry}
+
+    rows = [row("gptq", "3", 0), row("fp"), row("qesc", "3", 0, ppl=49.0), row("gptq", "2.5", 0),
+            row("qesc", "2.5", 0), row("fp", ppl=48.0), row("rtn", "2", 0, setting="experts")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(experiments.load_rows(tmp_path / "results.jsonl")) == 6
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    table = [line.split(" | ")[1:5] for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+             if line.startswith("| m | ") and " | n | " not in line and "−" not in line and "→" not in line]
+    assert table == [["fp", "16", "–", "fp"], ["experts", "2", "–", "rtn"], ["attn4", "2.5", "–", "gptq"],
+                     ["attn4", "2.5", "–", "qesc"], ["attn4", "3", "–", "gptq"], ["attn4", "3", "–", "qesc"]]
+    assert "| m | fp | 16 | – | fp | 1 | 48.00 |" in (tmp_path / "RESULTS.md").read_text()  # the later FP row won
