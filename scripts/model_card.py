@@ -273,7 +273,17 @@ def plot_expert_usage(counts: np.ndarray, layer_ids: list[int], summary: list[di
     plt.close(fig)
 
 
-def plot_training_curve(history: list[dict], num_experts: int | None, title: str, path: Path) -> None:
+def continuation_tokens(train_log: dict) -> list[int]:
+    """Tokens seen when each continuation (--init-from: fresh optimizer, new schedule) of the run began."""
+    tokens_at = {h["step"]: h["tokens"] for h in train_log.get("history") or []}
+    return [tokens_at[s["from_step"]] for s in train_log.get("sessions") or []
+            if s["args"].get("init_from") not in (None, "None", "") and s["from_step"] in tokens_at]
+
+
+def plot_training_curve(history: list[dict], num_experts: int | None, title: str, path: Path,
+                        train_tokens: int | None = None, restarts: list[int] = ()) -> None:
+    """Validation loss per domain and per-layer balance against training tokens; an epoch axis on top when the
+    train split's size is known, a dashed line where a continuation restarted the optimizer and schedule."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,8 +302,13 @@ def plot_training_curve(history: list[dict], num_experts: int | None, title: str
                 color=DOMAIN_COLOURS.get(d), label=f"val {d}")
     ax.plot(tok, [h.get("loss", np.nan) for h in history], color="black", lw=2.2, marker="o", ms=4,
             label="val (all domains)")
+    for i, r in enumerate(restarts):
+        ax.axvline(r / 1e6, color="grey", ls="--", lw=1, label="continued: fresh optimizer, new schedule" if i == 0 else None)
     ax.set_xlim(0, tok.max() * 1.04)
     ax.set_xlabel("training tokens (millions)")
+    if train_tokens:
+        top = ax.secondary_xaxis("top", functions=(lambda m: m * 1e6 / train_tokens, lambda e: e * train_tokens / 1e6))
+        top.set_xlabel("epochs of the train split", fontsize=8)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("loss during training (in-training eval: 64 x 256-token validation windows, bf16)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -347,23 +362,39 @@ def display_path(p: Path) -> str:
         return str(p)
 
 
-def training_commands(train_log: dict, model_dir: Path) -> list[str]:
-    a = train_log.get("args") or {}
-    if not a.get("arch"):
-        return []
+def _train_command(a: dict, init_from: str | None = None) -> str:
+    """The scripts/train_tiny_moe.py command line that the recorded arguments `a` stand for."""
     flags = [("--arch", "arch"), ("--out", "out"), ("--total-steps", "total_steps"), ("--batch", "batch"),
              ("--seqlen", "seqlen"), ("--lr", "lr"), ("--warmup", "warmup"), ("--balance-coef", "balance_coef"),
              ("--eval-every", "eval_every"), ("--threads", "threads"), ("--seed", "seed")]
-    train = ["python", "scripts/train_tiny_moe.py"]
+    cmd = ["python", "scripts/train_tiny_moe.py"]
     for flag, key in flags:
         v = a.get(key)
         if v not in (None, "None", ""):
-            train += [flag, str(v)]
+            cmd += [flag, str(v)]
     if a.get("bf16") == "False":
-        train.append("--no-bf16")
-    export = ["python", "scripts/train_tiny_moe.py", "--arch", a["arch"], "--out", str(a.get("out", "RUN_DIR")),
-              "--export", display_path(model_dir)]
-    return [shlex.join(train), shlex.join(export)]
+        cmd.append("--no-bf16")
+    if init_from:
+        cmd += ["--init-from", init_from]
+    return shlex.join(cmd)
+
+
+def training_commands(train_log: dict, model_dir: Path) -> list[tuple[str, str]]:
+    """(comment, command) pairs: the run from scratch, each continuation of an exported model, the export."""
+    a = train_log.get("args") or {}
+    if not a.get("arch"):
+        return []
+    cmds = [("train (seeded, resumable: interrupt, or add --stop-after-minutes N, and re-run to resume from "
+             "<out>/ckpt)", _train_command(a))]
+    for session in train_log.get("sessions") or []:
+        init_from = session["args"].get("init_from")
+        if init_from not in (None, "None", ""):  # a continuation: fresh optimizer from the exported model
+            cmds.append((f"export, then continue from step {session['from_step']} with a fresh optimizer and a new "
+                         "schedule", _train_command(session["args"], init_from)))
+    out = str((train_log.get("sessions") or [{}])[-1].get("args", {}).get("out") or a.get("out", "RUN_DIR"))
+    cmds.append(("export the bf16 model, tokenizer and training_log.json", shlex.join(
+        ["python", "scripts/train_tiny_moe.py", "--arch", a["arch"], "--out", out, "--export", display_path(model_dir)])))
+    return cmds
 
 
 def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
@@ -374,22 +405,25 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
     return "\n".join(lines)
 
 
-def training_sessions_section(sessions: list[dict], final_step: int) -> list[str]:
-    """One row per (re)start of the training run, from the arguments each start recorded in training_log.json."""
+def training_sessions_section(sessions: list[dict], final_step: int, run_args: dict) -> list[str]:
+    """One row per (re)start of the training run, from the arguments each start recorded in training_log.json
+    (a start that recorded only some of them ran with the run's own for the rest)."""
     rows = []
     for i, session in enumerate(sessions):
         end = sessions[i + 1]["from_step"] if i + 1 < len(sessions) else final_step
         if end <= session["from_step"]:
             continue  # a start that was stopped again before its first step
-        a = session["args"]
-        rows.append([f"{session['from_step']}-{end}", a.get("total_steps", "?"), a.get("balance_coef", "?"),
-                     a.get("lr", "?"), session.get("note", "")])
+        a = {**run_args, **session["args"]}
+        rows.append([f"{session['from_step']}-{end}", a.get("total_steps", "?"), a.get("lr", "?"), a.get("warmup", "?"),
+                     a.get("balance_coef", "?"), a.get("seed", "?"), session.get("note", "")])
     return ["## Training sessions (schedule changes)", "",
             "The run was stopped and resumed from its checkpoint several times to fit the CPU time available. The "
             "batch of a step depends only on (seed, step), so resuming does not change the data order; a new "
             "`--total-steps` changes the cosine schedule from that step on (shorter: the learning rate drops at "
-            "once; longer: it rises again, a warm restart).", "",
-            md_table(["steps", "`--total-steps`", "balance coefficient", "peak lr", "note"], rows, "lrrrl"), ""]
+            "once; longer: it rises again, a warm restart). A continuation (`--init-from`) starts from the exported "
+            "bf16 model with a fresh optimizer and its own warm-up and cosine schedule; steps and tokens count on.", "",
+            md_table(["steps", "`--total-steps`", "peak lr", "warm-up", "balance coefficient", "seed", "note"], rows,
+                     "lrrrrrl"), ""]
 
 
 def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: dict, disk_bytes: int,
@@ -473,7 +507,8 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
             out += [f"- batches of {a['batch']} random {a.get('seqlen')}-token windows of the train stream "
                     f"(documents joined by `<|endoftext|>`); AdamW (betas 0.9/0.95, weight decay 0.1), peak lr "
                     f"{a.get('lr')}, {a.get('warmup')} warm-up steps, cosine decay to 10%, gradient clip 1.0, "
-                    f"bf16 autocast {'on' if a.get('bf16') != 'False' else 'off'} (fp32 master weights), seed {a.get('seed')}",
+                    f"bf16 autocast {'on' if a.get('bf16') != 'False' else 'off'} (fp32 master weights), seed {a.get('seed')}"
+                    + (" (the last session's; every session's below)" if len(sessions) > 1 else ""),
                     f"- load balancing: Switch-style balance loss computed per layer and averaged "
                     f"(coefficient {a.get('balance_coef')}"
                     + ("; per session below" if len(sessions) > 1 else "") + "); the transformers pooled auxiliary loss is off",
@@ -502,7 +537,7 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
             out += [f"Over the last {hist[-1]['tokens'] - recent['tokens']:,} tokens (step {recent['step']} to "
                     f"{hist[-1]['step']}) the validation loss changed by {hist[-1]['loss'] - recent['loss']:+.3f}.", ""]
     if len(sessions) > 1:
-        out += training_sessions_section(sessions, train_log.get("step", 0))
+        out += training_sessions_section(sessions, train_log.get("step", 0), train_log.get("args") or {})
 
     # ---- evaluation
     out += ["## Evaluation: perplexity per domain", "",
@@ -568,10 +603,8 @@ def write_card(path: Path, *, name: str, model_dir: Path, facts: dict, params: d
     # ---- commands
     cmds = training_commands(train_log or {}, model_dir)
     out += ["## How this model and card were produced", "", "```bash"]
-    if cmds:
-        out += ["# train (seeded, resumable: interrupt, or add --stop-after-minutes N, and re-run to resume from <out>/ckpt)",
-                cmds[0],
-                "# export the bf16 model, tokenizer and training_log.json", cmds[1]]
+    for comment, cmd in cmds:
+        out += [f"# {comment}", cmd]
     out += ["# evaluate and write README.md, expert_usage.{png,json}, training_curve.png", card_cmd, "```", ""]
     if cmds:
         out += ["(The training arguments are those recorded in `training_log.json`.)", ""]
@@ -692,7 +725,8 @@ def main(argv: list[str] | None = None) -> None:
     (model_dir / "expert_usage.json").write_text(json.dumps(usage_json, indent=1) + "\n")
     plot_expert_usage(usage, layer_ids, summary, args.usage_split, name, model_dir / "expert_usage.png")
     if train_log and train_log.get("history"):
-        plot_training_curve(train_log["history"], E, name, model_dir / "training_curve.png")
+        plot_training_curve(train_log["history"], E, name, model_dir / "training_curve.png", train_tokens,
+                            continuation_tokens(train_log))
     write_card(model_dir / "README.md", name=name, model_dir=model_dir, facts=facts, params=params,
                disk_bytes=disk_bytes, weight_files=weight_files, train_log=train_log, results=results,
                split_info=split_info, usage_split=args.usage_split, usage_counts=usage, summary=summary,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -64,16 +65,35 @@ def restore_fp_routers(q_model, fp_model) -> None:
             adapter.router_weight(q_block).data.copy_(adapter.router_weight(fp_block).data)
 
 
+def checkpoint_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's weights: results measured on another checkpoint must never be resumed into a
+    table of this one (the bundled models may be retrained; the row keys name the model, not its weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_checkpoint(rows: list[dict], model_name: str, fingerprint: str, results_path: Path) -> None:
+    stale = {r.get("checkpoint") for r in rows if r["key"]["model"] == model_name} - {fingerprint}
+    if stale:
+        raise SystemExit(f"{results_path} holds {model_name} rows measured on other weights (checkpoint "
+                         f"{', '.join(sorted(str(c) for c in stale))}, this one is {fingerprint}); move the file "
+                         "aside or pass another --out")
+
+
 def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     with (args.out / "commands.txt").open("a") as f:  # every invocation that added rows, for RESULTS.md
         f.write(args.command + "\n")
-    done = set()
-    if results_path.exists():
-        done = {json.dumps(r["key"]) for r in load_rows(results_path)}
+    rows = load_rows(results_path) if results_path.exists() else []
+    done = {json.dumps(r["key"]) for r in rows}
     for model_name in args.models:
         fp_model, tokenizer = load_model(model_name, torch.float32)
+        checkpoint = checkpoint_fingerprint(fp_model)
+        check_same_checkpoint(rows, model_name, checkpoint, results_path)
         heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")}
         heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
                                                                 args.eval_seqlen) for d in DOMAINS})
@@ -84,7 +104,8 @@ def run(args) -> None:
         check_group_size(LayerwiseQuantizer(fp_model, QuantizeConfig(expert_bits=[2] * num_layers)), args.group_size)
         fp_key = {"model": model_name, "method": "fp"}
         if json.dumps(fp_key) not in done:
-            append(results_path, fp_key, evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, references, args))
+            append(results_path, fp_key, {"checkpoint": checkpoint,
+                                          **evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, references, args)})
         for setting in args.settings:
             for bits in args.bits:
                 for method in args.methods:
@@ -100,7 +121,8 @@ def run(args) -> None:
                         quantizer = LayerwiseQuantizer(q_model, cfg)
                         quantizer.run(calib)
                         seconds = time.perf_counter() - t0
-                        append(results_path, key, {**evaluate(fp_model, q_model, tokenizer, heldout, references, args),
+                        append(results_path, key, {"checkpoint": checkpoint,
+                                                   **evaluate(fp_model, q_model, tokenizer, heldout, references, args),
                                                    "seconds": seconds,
                                                    "average_bits": bits_account(quantizer).paper_average_bits})
                         del quantizer
@@ -108,7 +130,8 @@ def run(args) -> None:
                             # a diagnostic for the paired router comparison (shift, KL, ppl): no suite run
                             restore_fp_routers(q_model, fp_model)
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
-                                   evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False))
+                                   {"checkpoint": checkpoint,
+                                    **evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False)})
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md")
 

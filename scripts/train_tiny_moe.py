@@ -4,6 +4,9 @@
     python scripts/train_tiny_moe.py --arch qwen2_moe --out runs/tiny-qwen-moe --total-steps 6000
     # interrupt any time; the same command resumes from runs/<name>/ckpt. --export writes the bf16 model
     python scripts/train_tiny_moe.py --arch mixtral --out runs/tiny-mixtral --export eacmoe/assets/models/tiny-mixtral
+    # continue an exported model with a fresh optimizer and a new schedule (steps and tokens count on)
+    python scripts/train_tiny_moe.py --arch mixtral --out runs/tiny-mixtral-2 --init-from eacmoe/assets/models/tiny-mixtral \
+        --seed 1 --total-steps 6320 --lr 1e-3 --warmup 100
 
 The data are random windows of the tokenised train split (documents joined by <|endoftext|>). The
 load-balancing loss is computed PER LAYER and averaged, unlike transformers' pooled auxiliary loss, which
@@ -112,10 +115,13 @@ def evaluate(model, tokens: np.ndarray, domains: np.ndarray, seqlen: int, max_wi
             "min_expert_share_per_layer": usage.min(-1).round(4).tolist()}
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, schedule_start: int = 0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at step --total-steps; a schedule begins at
+    schedule_start (0, or the step a run continued with --init-from began at)."""
+    step, length = step - schedule_start, args.total_steps - schedule_start
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
+    progress = min(1.0, (step - args.warmup) / max(1, length - args.warmup))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -154,7 +160,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start a new run (fresh optimizer, new schedule) from an exported model directory, e.g. to "
-                         "continue a bundled model (pass a new --seed so the batches differ); its training_log.json is carried on")
+                         "continue a bundled model (pass a new --seed so the batches differ); its training_log.json is carried on and "
+                         "--total-steps counts from its step")
     ap.add_argument("--export", type=Path, default=None, help="write the bf16 model + tokenizer here and exit")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -171,22 +178,32 @@ def main() -> None:
     state = {"step": 0, "tokens_seen": 0, "wall_seconds": 0.0, "history": [], "args": {k: str(v) for k, v in vars(args).items()}}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     if ckpt.exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        if args.init_from and "initialised_from" not in state:
+            ap.error(f"{args.out} holds a run from scratch, which would be resumed instead of continuing "
+                     f"{args.init_from}; give the continuation its own --out")
         load_model(model, str(ckpt / "model.safetensors"))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt"))
-        state = json.loads((ckpt / "state.json").read_text())
         log.info("resumed at step %d (%d tokens)", state["step"], state["tokens_seen"])
     elif args.init_from:
         init = type(model).from_pretrained(args.init_from, dtype=torch.float32)
         model.load_state_dict(init.state_dict())
         previous = json.loads((args.init_from / "training_log.json").read_text())
-        state.update(tokens_seen=previous["tokens_seen"], wall_seconds=previous["wall_seconds"],
-                     history=previous["history"], sessions=previous.get("sessions", []),
+        # steps, tokens and wall time count on, so the log and the model card show one continuous run; "args"
+        # stay those of the run from scratch, this run's own are recorded in "sessions" below
+        state.update(args=previous["args"], step=previous["step"], schedule_start=previous["step"],
+                     tokens_seen=previous["tokens_seen"],
+                     wall_seconds=previous["wall_seconds"], history=previous["history"],
+                     sessions=previous.get("sessions", []),
                      initialised_from={"path": str(args.init_from), "step": previous["step"]})
-        log.info("initialised from %s (%d tokens seen); new schedule from step 0", args.init_from,
-                 state["tokens_seen"])
+        log.info("initialised from %s at step %d (%d tokens seen); new schedule from here to step %d",
+                 args.init_from, state["step"], state["tokens_seen"], args.total_steps)
     if not args.export:  # every (re)start records its own arguments: schedules may change between sessions
-        state.setdefault("sessions", []).append({"from_step": state["step"],
-                                                 "args": {k: str(v) for k, v in vars(args).items()}})
+        session = {"from_step": state["step"], "args": {k: str(v) for k, v in vars(args).items()}}
+        if args.init_from and not ckpt.exists():
+            session["note"] = (f"continued from the exported bf16 model: fresh AdamW state, seed {args.seed}, "
+                               f"new {args.warmup}-step warm-up and cosine schedule")
+        state.setdefault("sessions", []).append(session)
 
     if args.export:
         export(model, tokenizer, state, args.export)
@@ -207,7 +224,7 @@ def main() -> None:
         starts = rng.integers(0, len(train_tokens) - args.seqlen - 1, args.batch)
         x = torch.from_numpy(np.stack([train_tokens[s:s + args.seqlen + 1] for s in starts]).astype(np.int64))
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = lr_at(step, args, state.get("schedule_start", 0))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):  # bf16 matmuls: ~5x on AVX512-BF16
             out = model(input_ids=x[:, :-1], output_router_logits=True)
         lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
@@ -220,7 +237,7 @@ def main() -> None:
         state["tokens_seen"] += args.batch * args.seqlen
         if state["step"] % 50 == 0:
             log.info("step %d lm %.3f balance %.3f lr %.2e %.0f tok/s", state["step"], lm_loss.item(), balance.item(),
-                     lr_at(step, args), state["tokens_seen"] / (time.time() - t_start))
+                     lr_at(step, args, state.get("schedule_start", 0)), state["tokens_seen"] / (time.time() - t_start))
         done = state["step"] >= args.total_steps
         out_of_time = (args.stop_after_minutes and time.time() - session_start > args.stop_after_minutes * 60) \
             or (args.out / "STOP").exists()  # `touch <out>/STOP`: save a checkpoint and stop cleanly
@@ -234,7 +251,8 @@ def main() -> None:
                      ev["min_expert_share_per_layer"])
             save_checkpoint(ckpt, model, optimizer, state)
             if out_of_time:
-                log.info("stopping after %.1f minutes; run again to resume", args.stop_after_minutes)
+                log.info("stopping after %.1f minutes (time limit or STOP file); run again to resume",
+                         (time.time() - session_start) / 60)
                 return
 
 

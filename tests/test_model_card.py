@@ -36,15 +36,21 @@ def tiny_model_dir(tmp_path_factory):
     tok.save_pretrained(out)
     history = [{"step": s, "tokens": s * 4096, "train_lm": 9.0 - s / 100, "wall_seconds": s,
                 "loss": 9.1 - s / 100, "per_domain": {"sotu": 9.0 - s / 100, "pydoc": 9.2 - s / 100},
-                "min_expert_share_per_layer": [0.2, 0.21]} for s in (100, 200, 300)]
+                "min_expert_share_per_layer": [0.2, 0.21]} for s in (100, 200, 300, 400)]
     (out / "training_log.json").write_text(json.dumps({
-        "step": 300, "tokens_seen": 300 * 4096, "wall_seconds": 300.0, "history": history,
+        "step": 400, "tokens_seen": 400 * 4096, "wall_seconds": 400.0, "history": history,
         "args": {"arch": "mixtral", "out": "runs/tiny-test", "total_steps": "300", "batch": "16", "seqlen": "256",
                  "lr": "0.002", "warmup": "20", "balance_coef": "0.02", "eval_every": "100", "bf16": "True",
                  "threads": "None", "seed": "0", "stop_after_minutes": "None", "export": "None"},
-        # two restarts: the second changed the schedule and the balance coefficient
+        # two restarts (the second changed the schedule and the balance coefficient), then a continuation of the
+        # exported model with --init-from: fresh optimizer, its own schedule and seed
         "sessions": [{"from_step": 0, "args": {"total_steps": "400", "balance_coef": "0.02", "lr": "0.002"}},
-                     {"from_step": 150, "args": {"total_steps": "300", "balance_coef": "0.05", "lr": "0.002"}}]}))
+                     {"from_step": 150, "args": {"total_steps": "300", "balance_coef": "0.05", "lr": "0.002"}},
+                     {"from_step": 300, "note": "continued from the exported bf16 model",
+                      "args": {"arch": "mixtral", "out": "runs/tiny-test-2", "total_steps": "400", "batch": "16",
+                               "seqlen": "256", "lr": "0.001", "warmup": "10", "balance_coef": "0.05",
+                               "eval_every": "100", "bf16": "True", "threads": "None", "seed": "1",
+                               "init_from": "eacmoe/assets/models/tiny-test", "export": "None"}}]}))
     return out
 
 
@@ -76,9 +82,15 @@ def test_model_card_outputs(tiny_model_dir):
                    "scripts/model_card.py", "Intended use", "fp32"):
         assert needle in card, needle
     # the schedule changes come from the sessions each start recorded; the summary uses the last one's arguments
-    assert "| 0-150 | 400 | 0.02 | 0.002 |" in card and "| 150-300 | 300 | 0.05 | 0.002 |" in card
-    assert "steps: 300 of a 300-step cosine schedule" in card and "coefficient 0.05; per session below" in card
-    assert "the validation loss changed by -2.000" in card
+    assert "| 0-150 | 400 | 0.002 | 20 | 0.02 | 0 |" in card and "| 150-300 | 300 | 0.002 | 20 | 0.05 | 0 |" in card
+    assert "| 300-400 | 400 | 0.001 | 10 | 0.05 | 1 | continued from the exported bf16 model |" in card
+    assert "steps: 400 of a 400-step cosine schedule" in card and "coefficient 0.05; per session below" in card
+    assert "the validation loss changed by -3.000" in card
+    # the commands that reproduce it: from scratch, the continuation, the export of the continued run
+    assert "--out runs/tiny-test --total-steps 300" in card
+    assert "--out runs/tiny-test-2 --total-steps 400 --batch 16 --seqlen 256 --lr 0.001 --warmup 10" in card
+    assert "--seed 1 --init-from eacmoe/assets/models/tiny-test" in card
+    assert "--arch mixtral --out runs/tiny-test-2 --export" in card
 
 
 def test_window_starts_cover_every_token_once():
@@ -96,3 +108,12 @@ def test_js_divergence_bounds():
     p = np.array([1.0, 0.0]); q = np.array([0.0, 1.0])
     assert mc.js_divergence(p, p) == pytest.approx(0.0)
     assert mc.js_divergence(p, q) == pytest.approx(1.0)
+
+
+def test_training_curve_marks_continuations_and_epochs(tiny_model_dir, tmp_path):
+    mc = _load_script()
+    log = json.loads((tiny_model_dir / "training_log.json").read_text())
+    assert mc.continuation_tokens(log) == [300 * 4096]  # the --init-from session began at step 300
+    out = tmp_path / "curve.png"
+    mc.plot_training_curve(log["history"], 4, "tiny", out, train_tokens=500_000, restarts=mc.continuation_tokens(log))
+    assert out.stat().st_size > 0

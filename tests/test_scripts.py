@@ -88,6 +88,25 @@ def test_qesc_experiments_pairs_methods_and_resumes(tmp_path):
     experiments.main(argv)  # a rerun finds every row done and adds none
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
     assert (tmp_path / "commands.txt").read_text().startswith("python scripts/qesc_experiments.py --models tiny-mixtral")
+    # every row names the weights it was measured on; rows of other weights (a retrained model) are never resumed
+    assert len({r["checkpoint"] for r in rows}) == 1
+    stale = [{**r, "checkpoint": "0123456789abcdef"} if r["key"]["method"] == "fp" else r for r in rows]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    with pytest.raises(SystemExit, match="measured on other weights"):
+        experiments.main(argv)
+
+
+def test_checkpoint_fingerprint_changes_with_any_weight():
+    import torch
+
+    experiments = _load_script("qesc_experiments")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    before = experiments.checkpoint_fingerprint(model)
+    assert experiments.checkpoint_fingerprint(model) == before  # deterministic
+    with torch.no_grad():
+        model[1].bias[0] += 1e-6
+    assert experiments.checkpoint_fingerprint(model) != before
 
 
 def test_router_sweep_compares_adam_and_ridge(tmp_path):
@@ -120,3 +139,46 @@ def test_qesc_report_keeps_one_row_per_key_in_table_order(tmp_path):
     assert table == [["fp", "16", "–", "fp"], ["experts", "2", "–", "rtn"], ["attn4", "2.5", "–", "gptq"],
                      ["attn4", "2.5", "–", "qesc"], ["attn4", "3", "–", "gptq"], ["attn4", "3", "–", "qesc"]]
     assert "| m | fp | 16 | – | fp | 1 | 48.00 |" in (tmp_path / "RESULTS.md").read_text()  # the later FP row won
+
+
+def test_training_schedule_of_a_continuation_starts_at_its_own_step():
+    """A continued run (--init-from at step 3520) warms up and decays over its own steps, ending at 10% of its peak;
+    a run from scratch keeps the schedule it always had."""
+    import argparse
+    import math
+
+    train = _load_script("train_tiny_moe")
+    args = argparse.Namespace(lr=1e-3, warmup=100, total_steps=6320)
+    assert train.lr_at(3520, args, schedule_start=3520) == pytest.approx(1e-3 / 100)
+    assert train.lr_at(3620, args, schedule_start=3520) == pytest.approx(1e-3)  # warm-up done: the peak
+    assert train.lr_at(3620 + 1350, args, schedule_start=3520) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway
+    assert train.lr_at(6320, args, schedule_start=3520) == pytest.approx(1e-4)
+    scratch = argparse.Namespace(lr=2e-3, warmup=200, total_steps=3520)
+    progress = (1000 - 200) / (3520 - 200)
+    assert train.lr_at(1000, scratch) == pytest.approx(2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * progress))))
+
+
+def test_refresh_figures_runs_existing_scripts_with_flags_they_accept(tmp_path):
+    """PRINT=1 lists every command without running it; each names a script of this repo and only flags that
+    script defines (a renamed flag would otherwise surface hours into a refresh)."""
+    import os
+    import re
+    import subprocess
+
+    out = subprocess.run(["bash", str(REPO / "scripts" / "refresh_figures.sh")], env={**os.environ, "PRINT": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line[2:].split() for line in out.splitlines() if line.startswith("+ ")]
+    assert len(commands) >= 15
+    stages_seen = set()
+    for cmd in commands:
+        if "-m" in cmd:
+            source = REPO / (cmd[cmd.index("-m") + 1].replace(".", "/") + ".py")
+        else:
+            source = REPO / next(c for c in cmd if c.endswith(".py"))
+        assert source.exists(), cmd
+        text = source.read_text()
+        for flag in (c for c in cmd if c.startswith("--")):
+            assert re.search(rf"[\"']{flag}[\"']", text), (flag, source)
+        stages_seen.add(source.name)
+    assert {"model_card.py", "run_suite.py", "quantize.py", "pesf_sweep.py", "router_sweep.py",
+            "benchmark_runtime.py", "deploy_24gb.py", "qesc_experiments.py"} <= stages_seen
