@@ -86,14 +86,15 @@ def check_same_checkpoint(rows: list[dict], model_name: str, fingerprint: str, r
 def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
-    with (args.out / "commands.txt").open("a") as f:  # every invocation that added rows, for RESULTS.md
-        f.write(args.command + "\n")
     rows = load_rows(results_path) if results_path.exists() else []
     done = {json.dumps(r["key"]) for r in rows}
-    for model_name in args.models:
+    for i, model_name in enumerate(args.models):
         fp_model, tokenizer = load_model(model_name, torch.float32)
         checkpoint = checkpoint_fingerprint(fp_model)
         check_same_checkpoint(rows, model_name, checkpoint, results_path)
+        if i == 0:  # every invocation that adds rows, for RESULTS.md (a refused one adds nothing)
+            with (args.out / "commands.txt").open("a") as f:
+                f.write(args.command + "\n")
         heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")}
         heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
                                                                 args.eval_seqlen) for d in DOMAINS})

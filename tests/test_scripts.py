@@ -92,8 +92,10 @@ def test_qesc_experiments_pairs_methods_and_resumes(tmp_path):
     assert len({r["checkpoint"] for r in rows}) == 1
     stale = [{**r, "checkpoint": "0123456789abcdef"} if r["key"]["method"] == "fp" else r for r in rows]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    commands = (tmp_path / "commands.txt").read_text()
     with pytest.raises(SystemExit, match="measured on other weights"):
         experiments.main(argv)
+    assert (tmp_path / "commands.txt").read_text() == commands  # the refused run left no trace
 
 
 def test_checkpoint_fingerprint_changes_with_any_weight():
