@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .corpus import iter_documents, wikitext2_dir
+from .hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,10 @@ class CalibrationDataError(ValueError):
     """The calibration source cannot be read or holds too little text."""
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
-
-
 def _wikitext2_documents(split: str) -> list[str]:
     """WikiText-2 split as documents (a document starts at a ` = Title = ` heading line)."""
     docs: list[str] = []
-    if not _hub_offline():
+    if hub_reachable():  # offline mode or no network: straight to the local copy, no retries
         try:
             from datasets import load_dataset
 
@@ -69,8 +66,9 @@ def _wikitext2_documents(split: str) -> list[str]:
 
 
 def _c4_documents() -> Iterable[str]:
-    if _hub_offline():
-        raise CalibrationDataError("c4 needs the network (HF_HUB_OFFLINE is set); use --calib bundled, wikitext2 or a local file")
+    if not hub_reachable():
+        raise CalibrationDataError("c4 needs the network (offline mode is set or the Hugging Face hub is unreachable); "
+                                   "use --calib bundled, wikitext2 or a local file")
     try:
         from datasets import load_dataset
 
@@ -83,15 +81,26 @@ def _c4_documents() -> Iterable[str]:
 def _file_documents(path: Path) -> list[str]:
     if not path.exists():
         raise CalibrationDataError(f"calibration file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise CalibrationDataError(f"--calib {path} is a directory; give a .txt or .jsonl file")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise CalibrationDataError(f"calibration file {path} must be .txt or .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"calibration file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                                   f"offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from exc
+    except OSError as exc:
+        raise CalibrationDataError(f"cannot read calibration file {path}: {exc.strerror}") from exc
     if path.suffix == ".jsonl":
         try:
-            return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-        except (json.JSONDecodeError, KeyError) as exc:
+            docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CalibrationDataError(f"{path}: every line must be a JSON object with a 'text' field") from exc
-    if path.suffix == ".txt":
-        return [block for block in text.split("\n\n") if block.strip()]
-    raise CalibrationDataError(f"calibration file {path} must be .txt or .jsonl")
+        if not all(isinstance(d, str) for d in docs):
+            raise CalibrationDataError(f"{path}: every 'text' field must be a string")
+        return docs
+    return [block for block in text.split("\n\n") if block.strip()]
 
 
 def load_documents(source: str) -> list[str]:
@@ -102,7 +111,7 @@ def load_documents(source: str) -> list[str]:
         return _wikitext2_documents("train")
     if source == "c4":
         return list(_c4_documents())
-    if os.sep in source or source.endswith((".txt", ".jsonl")):
+    if os.sep in source or source.endswith((".txt", ".jsonl")) or Path(source).exists():
         return _file_documents(Path(source))
     raise CalibrationDataError(f"unknown calibration source {source!r}; use one of {', '.join(SOURCES)} or a .txt/.jsonl path")
 
@@ -117,7 +126,8 @@ def get_calibration_data(source: str, tokenizer, nsamples: int, seqlen: int, see
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in docs:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        # verbose=False: a document longer than the model's context is cut into windows below, on purpose
+        stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
         if len(stream) >= needed:

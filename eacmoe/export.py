@@ -8,18 +8,30 @@ in memory, and an in-memory one through the same code.
 
 Formats:
 
-- ``packed``: a self-contained Hugging Face directory. config.json (``model_type: eacmoe``, ``auto_map``) holds
-  the original config, the quantization metadata (method, bits schedule, calibration, router calibration), the
-  list of packed modules and a ``pesf`` section; the runtime code is copied next to it; weights are safetensors
-  with a size + SHA-256 manifest. ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and
-  ``lm_eval --model hf --model_args pretrained=out,trust_remote_code=True`` run the packed model; loading
-  without ``trust_remote_code`` fails (unknown model type) instead of building random experts.
+- ``packed``: a self-contained Hugging Face directory. config.json is the original config (its ``model_type``,
+  e.g. "mixtral", and every field at the top level, so any tool reading it sees the true shapes) plus eacmoe's
+  sections: ``auto_map`` to the runtime classes, the marker ``eacmoe`` (``{"format": "packed", "version": 1}``
+  and the original ``architectures``), the quantization metadata (method, bits schedule, calibration, router
+  calibration), the list of packed modules and a ``pesf`` section; the runtime code is copied next to it; weights
+  are safetensors with a size + SHA-256 manifest. ``AutoModelForCausalLM.from_pretrained(out,
+  trust_remote_code=True)`` and ``lm_eval --model hf --model_args pretrained=out,trust_remote_code=True`` run the
+  packed model. Without ``trust_remote_code`` transformers resolves the built-in family (no prompt: the tokenizer
+  loads quietly) and its model class stops on ``transformers_weights`` (below) instead of building random experts.
+  Exports made before the marker (``model_type: eacmoe``, the original config nested under ``base_config``) load
+  with the same runtime.
 - ``gptq``: GPTQModel's layout and format "gptq" (v1 zero points), per-expert names
   ``mlp.experts.{e}.{gate,up,down}_proj.{qweight,qzeros,scales,g_idx}``, fp16 for everything else,
   ``quantize_config.json`` + ``quantization_config``; per-module bit widths other than the default go to
   GPTQModel's ``dynamic`` overrides.
 - ``dequantized``: the standard layout in the checkpoint's dtype, holding the dequantized values (rounded to
   that dtype), for any tool.
+
+Neither packed nor gptq is a checkpoint that transformers' own loader can fill: it would build the architecture
+and leave every tensor it does not find (the packed modules; with optimum, the fused experts of a GPTQ MoE)
+randomly initialised. So both keep it out twice: the weight files avoid the names it looks for
+(``model.safetensors`` and its index), and config.json names in ``transformers_weights`` a "file" that is a
+sentence saying how to load the checkpoint: transformers 5 resolves the weight files before it builds the model,
+and refuses that one with the sentence in its error. ``eacmoe.verify`` checks a model loaded by any other loader.
 """
 from __future__ import annotations
 
@@ -39,6 +51,7 @@ from .adapters import get_adapter
 from .quant.grid import QuantizedWeight
 from .quant.packing import _zeros_to_v1
 from .runtime.manifest import write_manifest
+from .runtime.modeling_eacmoe import REFUSAL_KEY
 from .runtime.packed_modules import EXPERT_PROJS, PackedExperts, PackedLinear, replace_module
 
 log = logging.getLogger(__name__)
@@ -56,6 +69,16 @@ RUNTIME_FILES = {
 }
 AUTO_MAP = {"AutoConfig": "modeling_eacmoe.EacmoeConfig", "AutoModelForCausalLM": "modeling_eacmoe.EacmoeForCausalLM"}
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+PACKED_WEIGHTS_BASENAME = "eacmoe-packed"  # the runtime reads what its manifest lists; transformers wants "model"
+# transformers takes config.json's `transformers_weights` (REFUSAL_KEY) as the weights' file name and stops with it
+# in the error message when it is not a *.safetensors name: the way to stop it that says why (module docstring)
+PACKED_REFUSAL = ("eacmoe packed export: its quantized modules are packed low-bit tensors that this class would "
+                  "leave randomly initialised; load it with AutoModelForCausalLM.from_pretrained(DIR, "
+                  "trust_remote_code=True)")
+# config.json's own record that a directory is a packed export (tools must not go by model_type: it is the family's)
+PACKED_MARKER = {"format": "packed", "version": 1}
+GPTQ_REFUSAL = ("eacmoe GPTQ export of a MoE model: the transformers GPTQ integration would leave its experts "
+                "randomly initialised; load it with GPTQModel (GPTQModel.load(DIR))")
 # GPTQModel refuses asymmetric format-"gptq" (v1) checkpoints unless meta.quantizer names gptqmodel >= 0.9: older
 # AutoGPTQ wrote v1 zero points that cannot be read back exactly. Ours are encoded exactly as GPTQModel 7.6.0 encodes
 # them (bit-identical, tests/test_packing.py), so the checkpoint says it is compatible with that producer.
@@ -124,8 +147,9 @@ def layer_quantized(quantized: dict[str, QuantizedWeight], index: int) -> dict[s
 
 # -- writing ------------------------------------------------------------------------------------------------
 class ShardWriter:
-    """Collects tensors and writes safetensors shards of at most ``max_shard_bytes`` (one file if it all fits),
-    named and indexed as ``save_pretrained`` does."""
+    """Collects tensors and writes safetensors shards of at most ``max_shard_bytes``: ``{basename}.safetensors``
+    if it all fits, else ``{basename}-00001-of-0000n.safetensors`` ... indexed by ``{basename}.safetensors.index.json``
+    (``save_pretrained``'s scheme, with the base name given to :meth:`close`)."""
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.out_dir, self.max_shard_bytes = Path(out_dir), max_shard_bytes
@@ -149,19 +173,20 @@ class ShardWriter:
         self.parts.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> list[str]:
+    def close(self, basename: str) -> list[str]:
         """Write the last shard (and the index when there are several); returns the file names."""
         if self.pending or not self.parts:
             self._flush()
         n = len(self.parts)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ([f"{basename}.safetensors"] if n == 1
+                 else [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         weight_map = {}
         for (path, keys), name in zip(self.parts, names):
             path.rename(self.out_dir / name)
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.out_dir / f"{basename}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
 
 
@@ -208,17 +233,19 @@ def export_model(out_dir: Path, fmt: str, model: nn.Module, layers: Iterator[Lay
         writer.add(tensors)
     writer.add({k: (v.to(torch.float16) if fmt == "gptq" and v.is_floating_point() else _storage_tensor(v, storage_dtype))
                 for k, v in non_layer_state.items()})
-    weight_files = writer.close()
 
     base_config = model.config.to_dict()
     base_config["dtype"] = str(storage_dtype if fmt == "packed" else torch.float16).removeprefix("torch.")
     if fmt == "packed":
-        _write_packed_config(out_dir, base_config, module_specs, metadata)
+        weight_files = writer.close(PACKED_WEIGHTS_BASENAME)
+        _write_packed_config(out_dir, base_config, [type(model).__name__], module_specs, metadata)
         for name, source in RUNTIME_FILES.items():
             shutil.copyfile(source, out_dir / name)
         write_manifest(out_dir, weight_files)
     else:
-        _write_gptq_config(out_dir, base_config, module_specs, metadata)
+        quantize_config = gptq_quantize_config(module_specs, metadata)
+        weight_files = writer.close(gptq_weights_basename(quantize_config))
+        _write_gptq_config(out_dir, base_config, module_specs, quantize_config)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
@@ -228,18 +255,35 @@ def export_model(out_dir: Path, fmt: str, model: nn.Module, layers: Iterator[Lay
     return weight_files
 
 
-def _write_packed_config(out_dir: Path, base_config: dict, module_specs: dict, metadata: dict) -> None:
+def _write_packed_config(out_dir: Path, base_config: dict, architectures: list[str], module_specs: dict,
+                         metadata: dict) -> None:
+    # The family's model_type keeps transformers from asking whether to run remote code (for the tokenizer, say);
+    # architectures names our class, which tools that pick a model class by it (vLLM) do not know.
     config = {
-        "model_type": "eacmoe",
+        **base_config,
         "architectures": ["EacmoeForCausalLM"],
         "auto_map": AUTO_MAP,
-        "base_config": base_config,
+        REFUSAL_KEY: PACKED_REFUSAL,
+        "eacmoe": {**PACKED_MARKER, "architectures": architectures},
         "quantization": {**metadata, "packing": "gptq_v2 (plain zero points), fp16 scales",
                          "routers": "full precision" + (", re-calibrated (QESC)" if metadata.get("method", "").startswith("qesc") else "")},
         "quantized_modules": module_specs,
         "pesf": {"enabled": False, "alpha": 0.3, "renormalize": False},
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def is_packed_export(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a packed export: its config.json has the ``eacmoe`` marker, or is of the layout
+    before the marker (``model_type: eacmoe``)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    marker = config.get("eacmoe")
+    if isinstance(marker, dict):
+        return marker.get("format") == PACKED_MARKER["format"]
+    return config.get("model_type") == "eacmoe"  # the layout before the marker
 
 
 def gptq_quantize_config(module_specs: dict, metadata: dict) -> dict:
@@ -259,8 +303,13 @@ def gptq_quantize_config(module_specs: dict, metadata: dict) -> dict:
             "meta": {"quantizer": ["eacmoe", GPTQMODEL_COMPATIBLE_PRODUCER], "eacmoe": metadata}}
 
 
-def _write_gptq_config(out_dir: Path, base_config: dict, module_specs: dict, metadata: dict) -> None:
-    quantize_config = gptq_quantize_config(module_specs, metadata)
+def gptq_weights_basename(quantize_config: dict) -> str:
+    """The base name GPTQModel searches for before "model" (AutoGPTQ's ``gptq_model-{bits}bit-{group_size}g``);
+    transformers does not look for it."""
+    return f"gptq_model-{quantize_config['bits']}bit-{quantize_config['group_size']}g"
+
+
+def _write_gptq_config(out_dir: Path, base_config: dict, module_specs: dict, quantize_config: dict) -> None:
     # What the loaders we know of accept (GPTQModel 7.6.0's TorchLinear; vLLM's GPTQ-Marlin MoE path, read not run)
     if quantize_config["group_size"] not in (-1, 16, 32, 64, 128, 256, 512, 1024):
         log.warning("group size %d: GPTQModel's kernels accept -1 or 16..1024 (powers of two) only",
@@ -269,7 +318,7 @@ def _write_gptq_config(out_dir: Path, base_config: dict, module_specs: dict, met
     if expert_bits - {4, 8}:
         log.warning("experts at %s bits: GPTQModel loads this; vLLM's MoE kernels take 4- or 8-bit experts only",
                     sorted(expert_bits))
-    config = {**base_config, "quantization_config": quantize_config}
+    config = {**base_config, "quantization_config": quantize_config, REFUSAL_KEY: GPTQ_REFUSAL}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     (out_dir / "quantize_config.json").write_text(json.dumps(quantize_config, indent=1) + "\n")
 

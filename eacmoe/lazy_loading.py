@@ -23,7 +23,7 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from transformers.modeling_utils import LoadStateDictConfig, remove_tied_weights
 from transformers.utils import logging as hf_logging
 
 from .adapters import get_adapter
+from .weight_scan import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Files a lazy run needs from the hub: weights, configs, tokenizer (never *.bin / *.pt pickles).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-
-class NonFiniteWeightsError(ValueError):
-    """A checkpoint tensor holds NaN or Inf values (quantizing it would silently produce garbage)."""
-
 
 # -- checkpoint files ---------------------------------------------------------------------------------
 def resolve_checkpoint_dir(name_or_path: str) -> Path:
@@ -134,12 +131,6 @@ def _quiet_progress_bars() -> Iterator[None]:
 def _meta_tensors(module: nn.Module, recurse: bool = True) -> list[str]:
     named = list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
     return [name for name, t in named if t.is_meta]
-
-
-def check_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise NonFiniteWeightsError(f"weight {name} holds NaN or Inf values; refusing to quantize")
 
 
 class LayerLoader:

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -42,11 +42,16 @@ from .adapters import MoEAdapter, Routing, get_adapter
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
+from .weight_scan import scan_weights
 
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "qesc", "qesc-mse")
 SPARSE_EXPERT_POLICIES = ("pool", "rtn")
+
+
+class ProgressMismatchError(ValueError):
+    """Saved progress belongs to another run: another model, other settings or other calibration tokens."""
 
 
 @dataclass
@@ -73,15 +78,36 @@ class QuantizeConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.sparse_expert_policy not in SPARSE_EXPERT_POLICIES:
             raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
+        if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
+            raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
                          damp_percent=self.damp_percent)
 
-    def fingerprint(self, calib_ids: torch.Tensor) -> str:
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        h.update(calib_ids.numpy().tobytes())
-        return h.hexdigest()[:16]
+    def fingerprint(self, calib_ids: torch.Tensor, model_fingerprint: str) -> dict:
+        """What saved progress must match to be resumed: these settings, the calibration tokens and the model
+        (`weight_scan.scan_weights`); kept apart so that a refusal can say which one differs."""
+        calibration = hashlib.sha256(str(tuple(calib_ids.shape)).encode())
+        calibration.update(calib_ids.numpy().tobytes())
+        return {"settings": asdict(self), "calibration": calibration.hexdigest()[:16], "model": model_fingerprint}
+
+
+def progress_mismatch(saved, current: dict) -> str | None:
+    """Why progress saved with fingerprint `saved` cannot be continued by a run with fingerprint `current`, in
+    words; None when it can."""
+    if not isinstance(saved, dict) or saved.keys() != current.keys():
+        return "it was written by another version of eacmoe"
+    if saved["model"] != current["model"]:
+        return "it was made from another model (other weights or config, or another --dtype)"
+    settings = json.loads(json.dumps(current["settings"]))  # as saved: tuples become lists
+    changed = [f"{k} {saved['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
+               if saved["settings"].get(k) != v]
+    if changed:
+        return "it was made with other settings (" + ", ".join(changed) + ")"
+    if saved["calibration"] != current["calibration"]:
+        return "it was made from other calibration tokens (--calib, --nsamples, --seqlen or the text changed)"
+    return None
 
 
 @dataclass
@@ -138,6 +164,12 @@ class ModelLayers:
 
 def progress_layer_file(progress_dir: Path, index: int) -> Path:
     return progress_dir / f"layer_{index:04d}.safetensors"
+
+
+def read_progress_state(progress_dir: Path) -> dict | None:
+    """The state.json of a progress directory (fingerprint, completed_layers, reports), or None when it has none."""
+    path = progress_dir / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_progress_layer(progress_dir: Path, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -240,6 +272,17 @@ def capture_module_input(layer: nn.Module, module: nn.Module, stream: torch.Tens
     return torch.cat(inputs)
 
 
+def _expert_token_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | None,
+                         widest: int) -> Iterator[torch.Tensor]:
+    """The rows of `expert_input` that `token_index` selects (all rows when None), a bounded chunk at a time:
+    an expert's token matrix and its [tokens, intermediate] down-projection input are never built whole."""
+    rows = max(1, GPTQ.max_chunk_bytes // (4 * widest))
+    n = expert_input.shape[0] if token_index is None else token_index.numel()
+    for start in range(0, n, rows):
+        yield (expert_input[start:start + rows] if token_index is None
+               else expert_input[token_index[start:start + rows]])
+
+
 def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None]) -> dict[str, GPTQ]:
     """GPTQ accumulators for one group of Linears that share an input, filled by running `run_batches`
     (which may raise _StopForward per batch: the pass stops once every Linear of the group has fired)."""
@@ -266,9 +309,12 @@ class LayerwiseQuantizer:
     """Runs QESC (or plain GPTQ / RTN) over a model's decoder layers; see the module docstring."""
 
     def __init__(self, model: nn.Module, config: QuantizeConfig, device: torch.device | str = "cpu",
-                 progress_dir: Path | None = None, layer_source: LayerSource | None = None):
+                 progress_dir: Path | None = None, layer_source: LayerSource | None = None,
+                 model_fingerprint: str | None = None):
         """`model` may be a skeleton whose decoder layers are on the meta device when `layer_source` reads them
-        lazily; then `progress_dir` is required (the quantized layers are kept there, not in memory)."""
+        lazily; then `progress_dir` is required (the quantized layers are kept there, not in memory).
+        `model_fingerprint` (from `weight_scan.scan_weights`) identifies the model in the progress; when not given
+        it is computed on first need, with one pass over the weights."""
         self.model = model
         self.config = config
         self.device = torch.device(device)
@@ -276,6 +322,7 @@ class LayerwiseQuantizer:
         self.layers = self.adapter.decoder_layers(model)  # shapes only, when lazy
         self.source = layer_source if layer_source is not None else ModelLayers(self.layers)
         self.progress_dir = progress_dir
+        self._model_fingerprint = model_fingerprint
         if len(config.expert_bits) != len(self.layers):
             raise ValueError(f"{len(config.expert_bits)} expert bit widths for {len(self.layers)} layers")
         if not self.source.in_memory and progress_dir is None:
@@ -322,7 +369,6 @@ class LayerwiseQuantizer:
             report.expert_tokens.append(int(token_index.numel()))
             weights = adapter.expert_weights(block, e)
             names = {k: f"{prefix}.experts.{e}.{k}" for k in weights}
-            x = expert_input[token_index]
             min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
             use_rtn = cfg.method == "rtn"
             if not use_rtn and token_index.numel() < min_tokens:
@@ -330,19 +376,20 @@ class LayerwiseQuantizer:
                 if cfg.sparse_expert_policy == "rtn":
                     use_rtn = True
                 else:  # pool: the layer's whole token distribution stands in for the expert's own
-                    x = expert_input
+                    token_index = None
             solver = None
             if not use_rtn:
-                solver = GPTQ(weights["gate_proj"].shape[1], device=x.device)
-                solver.add_batch(x)
+                solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
+                for x in _expert_token_chunks(expert_input, token_index, max(weights["gate_proj"].shape)):
+                    solver.add_batch(x)
             gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
             up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
             down_solver = None
             if not use_rtn:
-                with torch.no_grad():
-                    down_input = act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)
-                down_solver = GPTQ(weights["down_proj"].shape[1], device=x.device)
-                down_solver.add_batch(down_input)
+                down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
+                with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
+                    for x in _expert_token_chunks(expert_input, token_index, max(weights["gate_proj"].shape)):
+                        down_solver.add_batch(act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T))
             down_q = self._quantize_matrix(names["down_proj"], weights["down_proj"], bits, down_solver, report)
             adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
 
@@ -433,10 +480,29 @@ class LayerwiseQuantizer:
         return fp_stream, q_stream, report, layer.to("cpu")
 
     # -- progress (resume) ----------------------------------------------------------------------------
+    def model_fingerprint(self) -> str:
+        if self._model_fingerprint is None:
+            self._model_fingerprint = scan_weights(self.model, self.source).fingerprint
+        return self._model_fingerprint
+
+    def resumable_layers(self, calib_ids: torch.Tensor) -> int:
+        """Layers done in the progress directory that this run can continue from (0: none); raises
+        ProgressMismatchError when the progress belongs to another model, other settings or calibration tokens."""
+        state = read_progress_state(self.progress_dir) if self.progress_dir is not None else None
+        if state is None:
+            return 0
+        self._check_progress(state, self.config.fingerprint(calib_ids, self.model_fingerprint()))
+        return state["completed_layers"]
+
+    def _check_progress(self, state: dict, fingerprint: dict) -> None:
+        problem = progress_mismatch(state.get("fingerprint"), fingerprint)
+        if problem:
+            raise ProgressMismatchError(f"cannot resume from {self.progress_dir}: {problem}")
+
     def _layer_quantized(self, index: int) -> dict[str, QuantizedWeight]:
         return {n: qw for n, qw in self.quantized.items() if n.startswith(f"layers.{index}.")}
 
-    def _save_progress(self, index: int, layer: nn.Module, fp_stream, q_stream, fingerprint: str) -> None:
+    def _save_progress(self, index: int, layer: nn.Module, fp_stream, q_stream, fingerprint: dict) -> None:
         """Write layer `index`'s quantized tensors and the streams; state.json is replaced last and atomically,
         so a crash at any point leaves the previous consistent state."""
         d = self.progress_dir
@@ -447,7 +513,7 @@ class LayerwiseQuantizer:
         streams = {k: v.contiguous() for k, v in (("fp", fp_stream), ("q", q_stream)) if v is not None}
         save_file(streams, d / "streams.tmp.safetensors")
         os.replace(d / "streams.tmp.safetensors", d / f"streams_{index:04d}.safetensors")
-        state = {"fingerprint": fingerprint, "completed_layers": index + 1,
+        state = {"fingerprint": fingerprint, "completed_layers": index + 1, "threads": torch.get_num_threads(),
                  "reports": [asdict(r) for r in self.reports]}
         (d / "state.tmp.json").write_text(json.dumps(state))
         os.replace(d / "state.tmp.json", d / "state.json")
@@ -455,12 +521,14 @@ class LayerwiseQuantizer:
         if old.exists():
             old.unlink()
 
-    def _load_progress(self, fingerprint: str):
+    def _load_progress(self, fingerprint: dict):
         d = self.progress_dir
-        state = json.loads((d / "state.json").read_text())
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{d} holds progress of a run with other settings or calibration data; "
-                             "remove it or drop --resume")
+        state = read_progress_state(d)
+        self._check_progress(state, fingerprint)
+        if state.get("threads") != torch.get_num_threads():  # sums split over other threads round differently
+            log.warning("the progress in %s was computed with %s torch threads, this run uses %d: the result can "
+                        "differ in the last digits from an uninterrupted run", d, state.get("threads"),
+                        torch.get_num_threads())
         done = state["completed_layers"]
         for index in range(done):
             layer_state, quant = read_progress_layer(d, index)
@@ -481,11 +549,15 @@ class LayerwiseQuantizer:
             stop_after_layer: int | None = None) -> list[LayerReport]:
         """Quantize every decoder layer in order. `stop_after_layer` ends the run early (for tests of resume)."""
         cfg = self.config
-        fingerprint = cfg.fingerprint(calib_ids)
+        fingerprint = cfg.fingerprint(calib_ids, self.model_fingerprint()) if self.progress_dir is not None else None
         start, fp_stream, q_stream = 0, None, None
         if resume and self.progress_dir is not None and (self.progress_dir / "state.json").exists():
             start, fp_stream, q_stream = self._load_progress(fingerprint)
         elif self.progress_dir is not None and self.progress_dir.exists():
+            state = read_progress_state(self.progress_dir)
+            if state is not None:
+                log.warning("discarding the progress of %d of %d layers in %s (resume=False)",
+                            state["completed_layers"], len(self.layers), self.progress_dir)
             shutil.rmtree(self.progress_dir)
         layer_kwargs = {}
         if cfg.method != "rtn":

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import MoEAdapter, UnsupportedModelError, get_adapter
+from .adapters import MoEAdapter, UnsupportedModelError, get_adapter, supported_model_types
 from .adapters.base import COMPONENTS, WeightSpec
-from .assets import ASSETS_DIR
-from .schedule import ALLOWED_BITS, BitsError, parse_expert_bits
+from .assets import ASSETS_DIR, BUNDLED_MODELS, bundled_model_path
+from .cli import OneLineErrorParser, one_line, print_error
+from .schedule import ALLOWED_BITS, BitsError, check_group_size, parse_expert_bits
 
 logger = logging.getLogger(__name__)
 
@@ -63,54 +64,89 @@ def bundled_config_names() -> tuple[str, ...]:
 
 def _config_from_dict(fields: dict[str, Any], origin: str) -> Any:
     """A transformers config of the dict's ``model_type`` (so missing fields take the class defaults)."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     fields = {k: v for k, v in fields.items() if not k.startswith("_")}  # our metadata keys
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise PlanError(f"{origin} has no model_type")
+    if model_type not in CONFIG_MAPPING:  # transformers' own message lists every model type it knows (~10 KB)
+        raise PlanError(f"{origin}: unknown model_type {str(model_type)[:80]!r}; the supported MoE families are "
+                        f"{', '.join(supported_model_types())}")
     try:
         return AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError, TypeError) as exc:
-        raise PlanError(f"cannot build a {model_type!r} config from {origin}: {exc}") from exc
+        raise PlanError(f"cannot build a {model_type!r} config from {origin}: {one_line(exc, 200)}") from exc
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"cannot read config {path}: {one_line(exc, 200)}") from exc
+
+
+def check_config(config: Any) -> None:
+    """Refuse a config that describes no model (a size or count below 1, top-k above the experts), instead of
+    planning negative gigabytes for it."""
+    adapter = get_adapter(config)
+    layers = config.num_hidden_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise PlanError(f"the config's num_hidden_layers is {layers!r}; it must be a positive integer")
+    experts = adapter.config_num_experts(config)
+    if experts < 1:
+        raise PlanError(f"the config gives {experts} routed experts per MoE layer; it needs at least 1")
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if top_k is not None and not 1 <= top_k <= experts:
+        raise PlanError(f"the config routes each token to {top_k} of {experts} experts (num_experts_per_tok); "
+                        f"it must be between 1 and {experts}")
+    for spec in adapter.weight_inventory(config):
+        if spec.copies > 0 and any(d < 1 for d in spec.shape):
+            raise PlanError(f"the config gives {spec.name} the shape {list(spec.shape)}; every size must be positive "
+                            "(check hidden_size, intermediate sizes, heads and vocab_size)")
+    if adapter.kv_cache_values_per_token(config, 0) < 1:
+        raise PlanError("the config gives no positive KV-cache size per token (check the attention heads and head_dim)")
 
 
 def load_config(name_or_path: str) -> tuple[Any, str]:
     """Resolve ``name_or_path`` to ``(transformers config, description of its source)``.
 
-    Order: a bundled config name; a local ``config.json``-holding directory or a ``.json`` file; a hub id read
-    with ``AutoConfig.from_pretrained`` (needs network access or the local HF cache).
+    Order: a bundled config name; a bundled model of ``eacmoe.quantize`` (tiny-mixtral, ...); a local
+    ``config.json``-holding directory or a ``.json`` file; a hub id read with ``AutoConfig.from_pretrained``
+    (needs network access or the local HF cache).
     """
     bundled = CONFIGS_DIR / f"{name_or_path}.json"
     if name_or_path in bundled_config_names():
         fields = json.loads(bundled.read_text())
         source = f"bundled config of {fields.get('_source_hub_id', '?')}"
         return _config_from_dict(fields, str(bundled)), source
+    if name_or_path in BUNDLED_MODELS:
+        path = bundled_model_path(name_or_path) / "config.json"
+        return _config_from_dict(_read_json(path), str(path)), f"bundled model {name_or_path}"
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        try:
-            fields = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"cannot read config {path}: {exc}") from exc
+        fields = _read_json(path)
         if not isinstance(fields, dict):
             raise PlanError(f"{path} does not hold a JSON object")
         return _config_from_dict(fields, str(path)), f"file {path}"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PlanError(f"directory {path} has no config.json")
-        return _config_from_dict(json.loads((path / "config.json").read_text()), str(path)), f"directory {path}"
+        return _config_from_dict(_read_json(path / "config.json"), str(path)), f"directory {path}"
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise PlanError(f"--model {name_or_path}: no such file or directory")
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
     if not looks_like_hub_id:
         raise PlanError(
             f"unknown config {name_or_path!r}: not a bundled config ({', '.join(bundled_config_names())}), "
-            "an existing path, or a hub id (owner/name)"
+            f"a bundled model ({', '.join(BUNDLED_MODELS)}), an existing path, or a hub id (owner/name)"
         )
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - offline, missing repo, remote code: all one message
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc, 200) or type(exc).__name__
         raise PlanError(f"cannot load config {name_or_path!r} from the hub ({reason})") from exc
     return config, f"hub config of {name_or_path}"
 
@@ -199,8 +235,10 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
         if attn_value not in (*ALLOWED_BITS, FP_BITS):
             raise PlanError(f"--attn-bits must be one of {', '.join(map(str, ALLOWED_BITS))} or 16 (got {attn_bits!r})")
         attn = None if attn_value == FP_BITS else attn_value
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
-        raise PlanError(f"--group-size must be -1 (per channel) or a positive integer (got {group_size!r})")
+    try:
+        check_group_size(group_size, ())  # against the model's widths in plan_memory
+    except BitsError as exc:
+        raise PlanError(str(exc)) from exc
     return BitsPlan(tuple(expert_bits), attn, group_size, spec)
 
 
@@ -411,10 +449,15 @@ def plan_memory(
     reserve_bytes: int = 0, model: str = "", source: str = "",
 ) -> MemoryPlan:
     """Size the weights (per component and per tensor kind), the KV cache, and check the GPU budget."""
+    check_config(config)
     adapter = get_adapter(config)
     if len(bits.expert_bits) != config.num_hidden_layers:
         raise PlanError(f"{len(bits.expert_bits)} expert bit widths for {config.num_hidden_layers} layers")
     inventory = adapter.weight_inventory(config)
+    try:  # the same rule as eacmoe.quantize: a group size that divides every quantized input width
+        check_group_size(bits.group_size, (s.shape[1] for s in inventory if bits.bits_for(s) is not None))
+    except BitsError as exc:
+        raise PlanError(str(exc)) from exc
     components = {name: StorageBytes() for name in COMPONENTS}
     rows: dict[tuple[str, str, tuple[int, ...], int | None], TensorRow] = {}
     for spec in inventory:
@@ -442,12 +485,6 @@ def plan_memory(
 def _notes(config: Any, bits: BitsPlan, inventory: list[WeightSpec]) -> list[str]:
     """Caveats that apply to this particular plan."""
     notes = []
-    if bits.group_size != -1:
-        quantized = [s for s in inventory if bits.bits_for(s) is not None]
-        ragged = sorted({s.shape[1] for s in quantized if s.shape[1] % bits.group_size})
-        if ragged:
-            notes.append(f"quantized input widths {ragged} are not multiples of the group size: "
-                         "counted with a last partial group, as GPTQModel pads it")
     odd = sorted({d for s in inventory if bits.bits_for(s) == 3 for d in s.shape if d % 32})
     if odd:
         notes.append(f"3-bit GPTQ packing needs dimensions divisible by 32; {odd} are not "
@@ -542,20 +579,13 @@ def _paper_comparison(plan: MemoryPlan) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line ``error: ...`` + exit code 2 convention of the other entry points."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m eacmoe.plan", description=__doc__,
+    p = OneLineErrorParser(prog="python -m eacmoe.plan", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_CONFIG,
-                   help=f"bundled config ({', '.join(bundled_config_names())}), a local checkpoint directory or "
-                        f"config.json, or a hub id read with AutoConfig (online). Default: {DEFAULT_CONFIG}")
+                   help=f"bundled config ({', '.join(bundled_config_names())}), bundled model "
+                        f"({', '.join(BUNDLED_MODELS)}), a local checkpoint directory or config.json, or a hub id read "
+                        f"with AutoConfig (online). Default: {DEFAULT_CONFIG}")
     p.add_argument("--bits", default="3",
                    help="expert (and dense-MLP) bits: 16 (unquantized), 2, 3, 4, 8; 2.5 = first half of the layers "
                         "3-bit, second half 2-bit; a comma list with one width per decoder layer; the paper's labels "
@@ -604,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             reserve_bytes=parse_memory(args.reserve), model=args.model, source=source,
         )
     except (PlanError, UnsupportedModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0

@@ -15,13 +15,15 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
+from .cli import OneLineErrorParser, print_error  # noqa: E402
+from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
 
 log = logging.getLogger("eacmoe.quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m eacmoe.quantize", description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K of the TopK-MSE router loss (default: from the model: 8 of 16 experts, 20 of 64, 4 of 8)")
     p.add_argument("--router-steps", type=int, default=1000, help="most Adam steps of router calibration (stops early after 100 steps without held-out improvement)")
     p.add_argument("--router-lr", type=float, default=1e-3, help="Adam learning rate of router calibration")
-    p.add_argument("--router-solver", choices=("adam", "ridge"), default="adam",
+    p.add_argument("--router-solver", choices=ROUTER_SOLVERS, default="adam",
                    help="adam: early-stopped Adam from the FP router; ridge: the exact TopK-MSE minimiser with damping "
                         "toward the FP router, damping chosen on held-out tokens (docs/ROUTER_SWEEP.md compares them)")
     p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=None,
                    help="tokens per held-out sequence (default: the model's context, at most 512)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="compute dtype; auto = float32 on CPU, the model's dtype on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and router calibration")
     p.add_argument("--out", default=None, help="output directory (default: out/<model>-<method>-w<bits>)")
@@ -66,12 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pretrained=out,trust_remote_code=True); gptq: GPTQModel's checkpoint layout (format gptq, "
                         "per-expert names) for GPTQModel and vLLM; dequantized: the quantized values as ordinary "
                         "weights in the checkpoint's dtype, for any tool")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <out>.partial; refused when that progress was made from "
+                        "another model (weights, config, dtype), other settings or other calibration tokens. Without "
+                        "--resume, old progress there is discarded (logged as a warning)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory that eacmoe wrote (it holds a .eacmoe-output marker); "
+                        "any other directory is refused, never deleted")
     p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                    help="read decoder layers from the checkpoint one at a time instead of loading the whole model, "
                         "so memory scales with one layer (needs safetensors); default: lazy when the model takes "
                         "more than 2 GiB in memory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; results depend on it, not only speed, so the count used is recorded in "
+                        "report.json and the summary (default: %(default)s, torch's own choice)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -82,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for library in ("huggingface_hub", "datasets"):  # they print through a handler of their own: once is enough
+        logging.getLogger(library).propagate = False
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationDataError
     from .report import format_summary
     from .schedule import BitsError
+    from .weight_scan import NonFiniteWeightsError
     from .workflow import JobError, QuantizeJob, run_job
 
     job = QuantizeJob(model=args.model, bits=args.bits, method=args.method,
@@ -96,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                       sparse_expert_policy=args.sparse_expert_policy,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      lazy=args.lazy, format=args.format)
+                      lazy=args.lazy, format=args.format, threads=args.threads)
     try:
         report = run_job(job)
-    except (JobError, BitsError, CalibrationDataError, UnsupportedModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (JobError, BitsError, CalibrationDataError, UnsupportedModelError, NonFiniteWeightsError) as exc:
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command with --resume to continue", file=sys.stderr)

@@ -7,7 +7,8 @@ from pathlib import Path
 def format_summary(report: dict) -> str:
     """A compact table: FP vs quantized perplexity, oracle, KL, shift rates, bits, size, time per stage."""
     lines = [f"model {report['model']}  method {report['job']['method']}  expert bits {report['job']['bits']}  "
-             f"attention bits {report['job']['attn_bits'] or 16}  device {report['device']}",
+             f"attention bits {report['job']['attn_bits'] or 16}  device {report['device']}  "
+             f"threads {report.get('threads', '?')}",
              f"average bits: {report['average_bits_paper']:.2f} per quantized weight (paper's measure), "
              f"{report['average_bits_true']:.2f} per parameter incl. scales/zeros/16-bit tensors; "
              f"size {report['size_bytes'] / 2**20:.1f} MiB", ""]

@@ -5,19 +5,33 @@ half of the layers' experts 3-bit, the second half 2-bit); an explicit comma lis
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALLOWED_BITS = (2, 3, 4, 8)
 
 
 class BitsError(ValueError):
-    """An invalid bits specification."""
+    """An invalid bits or group-size specification."""
 
 
 def _check(bits: int) -> int:
     if bits not in ALLOWED_BITS:
         raise BitsError(f"bits must be one of {', '.join(map(str, ALLOWED_BITS))} (got {bits})")
     return bits
+
+
+def check_group_size(group_size: int, widths: Iterable[int]) -> None:
+    """`--group-size` must be -1 (one group per output row) or a positive divisor of every quantized input width
+    (a partial last group has no packed layout here); the one check of `eacmoe.quantize` and `eacmoe.plan`."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise BitsError(f"--group-size must be -1 (per channel) or a positive integer (got {group_size!r})")
+    widths = sorted(set(widths))
+    bad = [w for w in widths if group_size != -1 and w % group_size]
+    if bad:
+        raise BitsError(f"--group-size {group_size} does not divide the input width(s) {bad} of this model; "
+                        f"use a divisor of {math.gcd(*widths)} or -1 (per channel)")
 
 
 def parse_expert_bits(spec: str, num_layers: int) -> list[int]:

@@ -1,8 +1,10 @@
 """End-to-end quantization job: load, calibrate, quantize layer by layer, evaluate, write the output directory.
 
-`python -m eacmoe.quantize` parses its flags into a `QuantizeJob` and calls `run_job`. The output directory
-appears only when complete: everything is written into `<out>.partial/` (which also holds the per-layer
-progress used by --resume) and renamed to `<out>` at the very end.
+`python -m eacmoe.quantize` parses its flags into a `QuantizeJob` and calls `run_job`. Every input is checked
+(`job_checks`), and the calibration and held-out tokens are read, before a weight is read or anything is
+written. The output directory appears only when complete: everything is written into `<out>.partial/` (which
+also holds the per-layer progress used by --resume) and renamed to `<out>` at the very end; both carry eacmoe's
+marker (`output_dir`), and no other directory is ever deleted.
 
 Models larger than `LAZY_AUTO_BYTES` in memory (or any model with --lazy) are never materialised whole: decoder
 layers are read from the checkpoint one at a time (`lazy_loading`), quantized layers are kept in the progress
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,34 +23,42 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import output_dir
 from .adapters import get_adapter
 from .assets import resolve_model
 from .calibration import get_calibration_data
+from .cli import one_line
 from .expert_shift import measure_expert_shift
+from .export import LayerToExport, export_model, in_memory_layers, layer_quantized, non_layer_state
 from .heldout import heldout_sequences
+from .job_checks import DTYPES, JobError, JobPaths, check_job, check_job_for_model, parse_device
 from .lazy_loading import (
     CheckpointLayers,
     LayerLoader,
-    NonFiniteWeightsError,
     StoredLayers,
     as_torch_dtype,
     estimate_model_bytes,
     save_pretrained_layerwise,
 )
-from .export import EXPORT_FORMATS, LayerToExport, export_model, in_memory_layers, layer_quantized, non_layer_state
-from .pipeline import LayerwiseQuantizer, QuantizeConfig, read_progress_layer
+from .pipeline import (
+    LayerReport,
+    LayerwiseQuantizer,
+    ProgressMismatchError,
+    QuantizeConfig,
+    read_progress_layer,
+    read_progress_state,
+)
 from .quant.serialize import quantized_from_tensors
-from .schedule import BitsAccount, parse_expert_bits
+from .router_calibration import RouterCalibrationConfig
+from .schedule import BitsAccount
+from .weight_scan import NonFiniteWeightsError
 
 log = logging.getLogger(__name__)
 
 # Above this many bytes in memory (at the compute dtype) a model is loaded lazily unless --no-lazy is given: the
 # in-memory path holds the model twice (quantized + FP reference for the evaluation).
 LAZY_AUTO_BYTES = 2 * 1024**3
-
-
-class JobError(ValueError):
-    """A bad input to the quantization job; the message is meant for the user, one line."""
+HELDOUT_SOURCES = ("bundled-test", "wikitext2")
 
 
 @dataclass
@@ -79,30 +88,14 @@ class QuantizeJob:
     overwrite: bool = False
     lazy: bool | None = None     # None: lazy when the model is larger than LAZY_AUTO_BYTES in memory
     format: str = "packed"       # packed | gptq | dequantized, see eacmoe.export
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise JobError(f"--device {name} asked for but no CUDA GPU is available")
-    return torch.device(name)
+    threads: int | None = None   # torch CPU threads; None keeps torch's default (recorded either way)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
     """float32 on CPU for "auto" (half-precision CPU matmuls lose accuracy); on GPU the checkpoint's dtype."""
     if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return DTYPES[name]
     return torch.float32 if device.type == "cpu" else "auto"
-
-
-def check_writable(out: Path) -> None:
-    """The nearest existing ancestor of `out` must be a writable directory."""
-    parent = out.parent.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise JobError(f"cannot write to {out}: {parent} is not a writable directory")
 
 
 def load_config(name_or_path: str):
@@ -110,7 +103,7 @@ def load_config(name_or_path: str):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise JobError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+        raise JobError(f"cannot load model {name_or_path!r}: {one_line(exc)}") from exc
     get_adapter(config)  # unsupported families fail before any weight is read
     return config
 
@@ -136,34 +129,6 @@ def load_model(name_or_path: str, dtype: torch.dtype | str):
     return model, tokenizer
 
 
-def check_weights(model) -> None:
-    """Refuse NaN / Inf weights (lazily loaded layers are on meta here; the loader checks them as it reads them)."""
-    for name, p in model.named_parameters():
-        if not p.is_meta and not torch.isfinite(p).all():
-            raise JobError(f"weight {name} holds NaN or Inf values; refusing to quantize")
-
-
-def check_group_size(quantizer: LayerwiseQuantizer, group_size: int) -> None:
-    if group_size == -1:
-        return
-    if group_size <= 0:
-        raise JobError(f"--group-size must be a positive divisor of the input widths or -1 (got {group_size})")
-    adapter = quantizer.adapter
-    widths = set()
-    for layer in quantizer.layers:
-        for group in adapter.attention_linears(layer) + adapter.dense_mlp_linears(layer):
-            widths.update(lin.in_features for _, lin in group)
-        block = adapter.moe_block(layer)
-        if block is not None:
-            widths.update(w.shape[1] for w in adapter.expert_weights(block, 0).values())
-            for group in adapter.shared_experts(block):
-                widths.update(lin.in_features for _, lin in group)
-    bad = sorted(w for w in widths if w % group_size)
-    if bad:
-        raise JobError(f"--group-size {group_size} does not divide the input width(s) {bad} of this model; "
-                       f"use a divisor of {math.gcd(*widths)} or -1 (per channel)")
-
-
 def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
     account = BitsAccount()
     for shape in quantizer.quantized_shapes.values():
@@ -173,18 +138,34 @@ def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
     return account
 
 
-def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAccount) -> dict:
-    """What config.json records about how the checkpoint was made (nothing run-specific such as paths)."""
+def router_topk_used(reports: list[LayerReport]) -> int | list[int] | None:
+    """The K each calibrated router was fitted with (one number when all layers agree); None: no calibration."""
+    used = [r.router["topk"] for r in reports if r.router]
+    return None if not used else used[0] if len(set(used)) == 1 else used
+
+
+def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAccount,
+                    reports: list[LayerReport]) -> dict:
+    """What config.json records about how the checkpoint was made: the settings that took effect (a flag the
+    method ignores is not recorded), nothing run-specific such as paths."""
+    router = None
+    if job.method in ("qesc", "qesc-mse"):
+        router = {"loss": "topk-mse" if job.method == "qesc" else "mse", "topk": router_topk_used(reports),
+                  "solver": job.router_solver}
+        if job.router_solver == "adam":
+            router.update(max_steps=job.router_steps, lr=job.router_lr)
+        else:
+            router["dampings"] = list(RouterCalibrationConfig(topk=1).ridge_dampings)
+    uses_data = job.method != "rtn"
     return {
         "tool": "eacmoe", "source_model": job.model, "method": job.method, "expert_bits": list(qconfig.expert_bits),
-        "attn_bits": job.attn_bits, "group_size": job.group_size, "sym": job.sym, "act_order": job.act_order,
-        "scale_dtype": "float16", "average_bits_paper": account.paper_average_bits,
-        "average_bits_true": account.true_average_bits,
-        "calibration": {"source": job.calib, "nsamples": job.nsamples, "seqlen": job.seqlen, "seed": job.seed},
-        "router_calibration": ({"loss": "topk-mse" if job.method == "qesc" else "mse", "topk": job.router_topk,
-                                "solver": job.router_solver, "max_steps": job.router_steps, "lr": job.router_lr}
-                               if job.method in ("qesc", "qesc-mse") else None),
-        "sparse_expert_policy": job.sparse_expert_policy,
+        "attn_bits": job.attn_bits, "group_size": job.group_size, "sym": job.sym,
+        "act_order": job.act_order and uses_data, "scale_dtype": "float16",
+        "average_bits_paper": account.paper_average_bits, "average_bits_true": account.true_average_bits,
+        "calibration": ({"source": job.calib, "nsamples": job.nsamples, "seqlen": job.seqlen, "seed": job.seed}
+                        if uses_data else None),
+        "router_calibration": router,
+        "sparse_expert_policy": job.sparse_expert_policy if uses_data else None,
     }
 
 
@@ -214,38 +195,75 @@ def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def load_heldout(tokenizer, nsamples: int, seqlen: int) -> dict[str, torch.Tensor]:
+    """The held-out windows of every source readable here, read before any weight (too few windows is a JobError)."""
+    heldout = {}
+    for source in HELDOUT_SOURCES:
+        try:
+            ids = heldout_sequences(source, tokenizer, nsamples, seqlen)
+        except ValueError as exc:
+            raise JobError(f"--eval-samples / --eval-seqlen: {exc}") from exc
+        if ids is not None:  # else not available here; heldout_sequences logged why, in one line
+            heldout[source] = ids
+    return heldout
+
+
+def prepare_partial(partial: Path, resume: bool, num_layers: int) -> None:
+    """`<out>.partial` as this run needs it: kept for --resume; otherwise emptied, saying what progress of an
+    earlier run that discards. `job_checks.check_output` has made sure that eacmoe wrote it."""
+    state = read_progress_state(partial / ".progress") if partial.is_dir() else None
+    if resume and state is None:
+        log.warning("--resume: %s holds no progress to continue; starting from the first layer", partial)
+    if not resume and partial.exists():
+        if state is not None:
+            log.warning("discarding the progress of %d of %d layers in %s (an earlier, interrupted run; run with "
+                        "--resume to continue it instead)", state["completed_layers"], num_layers, partial)
+        output_dir.remove(partial)
+    output_dir.mark(partial)
+
+
 def run_job(job: QuantizeJob) -> dict:
     """Run the whole job; returns the report (also written to <out>/report.json)."""
-    t_start = time.perf_counter()
-    device = pick_device(job.device)
-    out = Path(job.out) if job.out else Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{job.bits}"
-    partial = out.with_name(out.name + ".partial")
-    if job.format not in EXPORT_FORMATS:
-        raise JobError(f"--format must be one of {', '.join(EXPORT_FORMATS)} (got {job.format!r})")
-    if out.exists() and not job.overwrite:
-        raise JobError(f"output directory {out} already exists; pass --overwrite to replace it")
-    check_writable(out)
+    paths = check_job(job)  # the flags alone: nothing is read or written before they pass
+    threads_before = torch.get_num_threads()
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    try:
+        return _run_checked_job(job, paths)
+    finally:
+        torch.set_num_threads(threads_before)
 
-    # Everything that can be wrong with the input is checked before anything is written.
+
+def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
+    t_start = time.perf_counter()
+    device = parse_device(job.device)
+    out, partial = paths.out, paths.partial
+
+    # Everything that can be wrong with the input is checked before anything is written: the flags against the
+    # architecture, the calibration and held-out text, then the weights (one read: NaN / Inf, fingerprint).
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source_config = load_config(job.model)
     storage_dtype = as_torch_dtype(None, source_config)  # the checkpoint's own dtype, for what stays unquantized
+    expert_bits = check_job_for_model(job, source_config)
+    context = getattr(source_config, "max_position_embeddings", None) or 2048
+    job.seqlen = job.seqlen or min(2048, context)
+    job.eval_seqlen = job.eval_seqlen or min(512, context)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(job.model))
+    calib_ids = (get_calibration_data(job.calib, tokenizer, job.nsamples, job.seqlen, seed=job.seed)
+                 if job.method != "rtn" else torch.empty(0, job.seqlen, dtype=torch.long))  # RTN reads no data
+    heldout = load_heldout(tokenizer, job.eval_samples, job.eval_seqlen)
+
     lazy = use_lazy_loading(job.lazy, source_config, pick_dtype(job.dtype, device))
     loader = None
     if lazy:
         try:
             loader = LayerLoader(resolve_model(job.model), pick_dtype(job.dtype, device))
         except (OSError, ValueError) as exc:
-            raise JobError(f"cannot load model {job.model!r} lazily: {str(exc).splitlines()[0]}") from exc
-        model, tokenizer = loader.model, AutoTokenizer.from_pretrained(loader.directory)
+            raise JobError(f"cannot load model {job.model!r} lazily: {one_line(exc)}") from exc
+        model = loader.model
     else:
-        model, tokenizer = load_model(job.model, pick_dtype(job.dtype, device))
-    check_weights(model)
-    num_layers = len(get_adapter(model).decoder_layers(model))
-    expert_bits = parse_expert_bits(job.bits, num_layers)
-    if job.attn_bits is not None and job.attn_bits not in (2, 3, 4, 8):
-        raise JobError(f"--attn-bits must be 2, 3, 4, 8 or 16 (got {job.attn_bits})")
+        model, _ = load_model(job.model, pick_dtype(job.dtype, device))
     qconfig = QuantizeConfig(expert_bits=expert_bits, method=job.method, attn_bits=job.attn_bits,
                              group_size=job.group_size, sym=job.sym, act_order=job.act_order,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
@@ -254,17 +272,18 @@ def run_job(job: QuantizeJob) -> dict:
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,
                                    layer_source=CheckpointLayers(loader) if lazy else None)
-    check_group_size(quantizer, job.group_size)
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
-    job.seqlen = job.seqlen or min(2048, context)
-    job.eval_seqlen = job.eval_seqlen or min(512, context)
-    calib_ids = get_calibration_data(job.calib, tokenizer, job.nsamples, job.seqlen, seed=job.seed)
+    try:
+        quantizer.model_fingerprint()  # one read of the weights: NaN / Inf refused before the first layer
+        if job.resume and partial.is_dir():
+            quantizer.resumable_layers(calib_ids)  # progress of another model, settings or calibration refused
+    except NonFiniteWeightsError as exc:
+        raise JobError(str(exc)) from exc
+    except ProgressMismatchError as exc:
+        raise JobError(f"{exc}; run without --resume to start over (that discards the progress)") from exc
     dtype = next(model.parameters()).dtype
     timings["load"] = time.perf_counter() - t0
 
-    if not job.resume and partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    prepare_partial(partial, job.resume, len(quantizer.layers))
     # The FP reference for evaluation: a second copy read before any weight changes, or, when lazy, the checkpoint
     # itself read again layer by layer (the skeleton's embedding, norm and head are never quantized).
     if lazy:
@@ -273,27 +292,19 @@ def run_job(job: QuantizeJob) -> dict:
     else:
         fp_model, eval_sources = load_model(job.model, dtype)[0], {}
     t0 = time.perf_counter()
-    try:
-        layer_reports = quantizer.run(calib_ids, resume=job.resume)
-    except NonFiniteWeightsError as exc:
-        raise JobError(str(exc)) from exc
+    layer_reports = quantizer.run(calib_ids, resume=job.resume)
     timings["quantize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    evaluation = {}
-    for source in ("bundled-test", "wikitext2"):
-        ids = heldout_sequences(source, tokenizer, job.eval_samples, job.eval_seqlen)
-        if ids is None:
-            log.warning("held-out source %s is not available; skipped", source)
-            continue
-        evaluation[source] = measure_expert_shift(fp_model, model, ids, batch_size=qconfig.batch_size,
-                                                  device=device, **eval_sources).to_dict()
+    evaluation = {source: measure_expert_shift(fp_model, model, ids, batch_size=qconfig.batch_size, device=device,
+                                               **eval_sources).to_dict()
+                  for source, ids in heldout.items()}
     timings["evaluate"] = time.perf_counter() - t0
 
     account = bits_account(quantizer)
+    metadata = export_metadata(job, qconfig, account, layer_reports)
     t0 = time.perf_counter()
-    write_checkpoint(job, partial, model, tokenizer, quantizer, loader if lazy else None,
-                     export_metadata(job, qconfig, account), storage_dtype)
+    write_checkpoint(job, partial, model, tokenizer, quantizer, loader if lazy else None, metadata, storage_dtype)
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     seconds_by_stage: dict[str, float] = {}
@@ -301,8 +312,8 @@ def run_job(job: QuantizeJob) -> dict:
         for k, v in r.seconds.items():
             seconds_by_stage[k] = seconds_by_stage.get(k, 0.0) + v
     report = {
-        "model": job.model, "job": asdict(job), "lazy_loading": lazy, "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "model": job.model, "job": asdict(job), "quantization": metadata, "lazy_loading": lazy,
+        "device": str(device), "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
         "format": job.format, "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
         "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
         "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,
@@ -317,7 +328,9 @@ def run_job(job: QuantizeJob) -> dict:
         log.warning("could not draw report.png: %s", exc)
     shutil.rmtree(partial / ".progress", ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        if not output_dir.is_marked(out):  # it appeared during the run
+            raise JobError(f"{out} appeared during the run and eacmoe did not write it; the result is in {partial}")
+        output_dir.remove(out)
     os.replace(partial, out)
     report["out"] = str(out)
     return report

@@ -5,7 +5,10 @@ Models given by directory or bundled name (``tiny-mixtral``, ``tiny-qwen-moe``, 
 ``dtype=float32``); ``--unigram`` adds the unigram baseline (eval/unigram_baseline.py). In-memory models (e.g. a
 freshly quantized one) go through ``evaluate_model_object`` instead.
 
-    python eval/run_suite.py --models tiny-mixtral tiny-qwen-moe --unigram --out docs/baseline.md
+    python eval/run_suite.py --models tiny-mixtral tiny-qwen-moe --unigram --threads 1 --out docs/baseline.md
+
+``--threads`` sets the torch CPU threads of every evaluation (the lm_eval subprocesses read OMP_NUM_THREADS); the
+written table ends with the command that produced it.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ for _path in (REPO_ROOT, EVAL_DIR):  # eacmoe from this checkout; unigram_baseli
         sys.path.insert(0, str(_path))
 
 from eacmoe.assets import resolve_model  # noqa: E402
+from eacmoe.export import is_packed_export  # noqa: E402
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 
 log = logging.getLogger("eacmoe.eval.run_suite")
 
@@ -39,12 +44,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 # ------------------------------------------------------------------------------------------------ running
-def is_eacmoe_export(model_dir: str) -> bool:
-    """A packed eacmoe export (config.json ``model_type: eacmoe``), run through its own remote code."""
-    config_path = Path(model_dir) / "config.json"
-    return config_path.exists() and json.loads(config_path.read_text()).get("model_type") == "eacmoe"
-
-
 def lm_eval_command(
     model_dir: str, tasks: str = SUITE, limit: float | None = None, batch_size: int = 1,
     experts_implementation: str | None = "eager", output_path: str | None = None,
@@ -52,7 +51,7 @@ def lm_eval_command(
     """The ``lm_eval`` CLI call for one model directory (float32 on CPU, our tasks included). A packed eacmoe
     export gets ``trust_remote_code=True`` (its packed experts run their own loop)."""
     model_args = f"pretrained={model_dir},dtype=float32"
-    if is_eacmoe_export(model_dir):
+    if is_packed_export(model_dir):
         model_args += ",trust_remote_code=True"
     elif experts_implementation:  # transformers 5 MoE: the "eager" experts loop is 3-5x faster than grouped_mm on CPU
         model_args += f",experts_implementation={experts_implementation}"
@@ -185,10 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="passed to from_pretrained for MoE models; 'none' to leave the default")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--json-out", type=Path, default=None, help="write the per-model summaries (JSON) here")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.models and not args.unigram:
         parser.error("nothing to evaluate: give --models and/or --unigram")
+    threads = set_threads(args.threads)
+    command = command_line("python eval/run_suite.py", sys.argv[1:] if argv is None else argv, threads)
 
     experts_impl = None if args.experts_implementation.lower() == "none" else args.experts_implementation
     rows: list[tuple[str, dict[str, float]]] = []
@@ -208,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(table_row(*rows[-1]), flush=True)
 
     table = markdown_table(rows)
-    note = "" if args.limit is None else f"\n\n(--limit {args.limit:g}: smoke test, not real numbers)"
+    note = f"\n\nProduced by `{command}` ({threads} torch CPU thread(s))."
+    if args.limit is not None:
+        note += f"\n\n(--limit {args.limit:g}: smoke test, not real numbers)"
     print("\n" + table + note)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("wrote %s", args.out)
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"limit": args.limit, "tasks": args.tasks, "seconds": timings, "models": dict(rows)}
+        payload = {"command": command, "threads": threads, "limit": args.limit, "tasks": args.tasks,
+                   "seconds": timings, "models": dict(rows)}
         args.json_out.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
         log.info("wrote %s", args.json_out)
 

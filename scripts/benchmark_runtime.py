@@ -1,7 +1,7 @@
 """Packed low-bit runtime vs the FP model on this machine: prefill and decode tokens per second, weight memory and
 peak RSS, as ratios measured in one run.
 
-    python scripts/benchmark_runtime.py --out docs/BENCHMARKS.md
+    python scripts/benchmark_runtime.py --threads 1 --out docs/BENCHMARKS.md
 
 Each variant runs in its own subprocess (so peak RSS is its own), one after the other, on the same prompts:
 
@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
+
 log = logging.getLogger("benchmark_runtime")
 VARIANTS = ("fp", "packed", "packed+pesf")
 
@@ -41,7 +43,7 @@ def run_variant(variant: str, args) -> dict:
     from eacmoe.pesf import PESFConfig, enable_pesf
     from eacmoe.speed import measure_speed, model_tensor_bytes, peak_rss_bytes
 
-    torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     checkpoint = args.checkpoint
     if variant == "fp":
         source = json.loads((checkpoint / "config.json").read_text())["quantization"]["source_model"]
@@ -59,14 +61,14 @@ def run_variant(variant: str, args) -> dict:
     adapter = get_adapter(model)
     layer_bytes = sum(model_tensor_bytes(layer) for layer in adapter.decoder_layers(model))
     result.update(variant=variant, weights_bytes=model_tensor_bytes(model), decoder_layer_bytes=layer_bytes,
-                  peak_rss_bytes=peak_rss_bytes())
+                  peak_rss_bytes=peak_rss_bytes(), threads=threads)
     return result
 
 
 def markdown(results: list[dict], args, command: str) -> str:
     fp = r0 = results[0]
     lines = [
-        f"Produced by `{command}` on {os.cpu_count()} CPU cores ({args.threads} torch threads), "
+        f"Produced by `{command}` on {os.cpu_count()} CPU cores ({r0['threads']} torch thread(s)), "
         f"batch {r0['batch']} x {r0['prompt_tokens']} prompt tokens, {r0['decode_tokens']} greedy decode steps, "
         f"median of {args.repeats}; checkpoint `{args.checkpoint.name}`. Ratios are to `fp` in the same run.",
         "",
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (cut to the model's context)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_argument(ap)
     ap.add_argument("--pesf-alpha", type=float, default=0.3, help="PESF threshold of the packed+pesf variant")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here (e.g. docs/BENCHMARKS.md)")
     ap.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return proc.returncode
             results.append(json.loads(out.read_text()))
-    shown = ["python scripts/benchmark_runtime.py"] + [a for a in (argv if argv is not None else sys.argv[1:])]
-    table = markdown(results, args, " ".join(shown))
+    shown = command_line("python scripts/benchmark_runtime.py", sys.argv[1:] if argv is None else argv, args.threads)
+    table = markdown(results, args, shown)
     print("\n" + table)
     if args.out is not None:
         args.out.write_text("# Packed runtime vs FP on CPU\n\n" + table)

@@ -2,8 +2,8 @@
 4 x 512 tokens (EAC-MoE's setting), decode, and print peak GPU memory and prefill / decode tokens per second,
 without and with PESF.
 
-    python scripts/deploy_24gb.py                                    # bundled tiny-mixtral, QESC 2-bit (made if missing)
-    python scripts/deploy_24gb.py --checkpoint out/mixtral-qesc-w3    # a real export, e.g. Mixtral-8x7B at 3 bits
+    python scripts/deploy_24gb.py --threads 1        # bundled tiny-mixtral, QESC 2-bit (made if missing)
+    python scripts/deploy_24gb.py --checkpoint out/mixtral-qesc-w3 --threads 1   # a real export, e.g. Mixtral-8x7B, 3 bits
 
 The checkpoint is a packed eacmoe export (`python -m eacmoe.quantize --out DIR`), loaded with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. On a GPU the process is capped with
@@ -30,6 +30,7 @@ from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.pesf import PESFConfig, disable_pesf, enable_pesf  # noqa: E402
 from eacmoe.plan import parse_memory  # noqa: E402
 from eacmoe.speed import measure_speed, model_tensor_bytes, peak_rss_bytes  # noqa: E402
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 
 log = logging.getLogger("deploy_24gb")
 DEFAULT_CHECKPOINT = REPO / "out" / "tiny-mixtral-qesc-w2"
@@ -60,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON")
+    add_threads_argument(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    threads = set_threads(args.threads)
+    command = command_line("python scripts/deploy_24gb.py", sys.argv[1:] if argv is None else argv, threads)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=dtype,
                                                  device_map=str(device) if device.type == "cuda" else None)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)  # config.json is eacmoe's
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)  # no question for older exports either
     context = getattr(model.config, "max_position_embeddings", args.prompt_len)
     prompt_len = min(args.prompt_len, context - args.decode_tokens)
     if prompt_len < args.prompt_len:
@@ -96,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sum(s.skipped_slots for s in stats.values()) / max(1, sum(s.slots for s in stats.values()))
 
     base = next(iter(results.values()))
-    print(f"\n{checkpoint.name} on {device} ({'fp16' if dtype == torch.float16 else 'fp32'} compute), "
-          f"batch {args.batch} x {prompt_len} prompt tokens, {args.decode_tokens} decoded tokens, "
-          f"weights {weights / 1e6:.1f} MB")
+    print(f"\n$ {command}\n{checkpoint.name} on {device} ({'fp16' if dtype == torch.float16 else 'fp32'} compute, "
+          f"{threads} torch CPU thread(s)), batch {args.batch} x {prompt_len} prompt tokens, {args.decode_tokens} "
+          f"decoded tokens, weights {weights / 1e6:.1f} MB")
     print(f"{'setting':<18} {'prefill tok/s':>14} {'speedup':>8} {'decode tok/s':>13} {'prompt ppl':>11} {'peak GPU':>10}")
     for name, r in results.items():
         peak = f"{r.peak_gpu_bytes / 1e9:.2f} GB" if r.peak_gpu_bytes is not None else "-"
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         plan_main(["--model", "mixtral-8x7b", "--bits", "3", "--attn-bits", "4", "--batch", str(args.batch),
                    "--context", str(args.prompt_len + args.decode_tokens), "--gpu-memory", args.memory_cap])
     if args.json_out is not None:
-        payload = {"checkpoint": str(checkpoint), "device": str(device), "weights_bytes": weights,
+        payload = {"command": command, "threads": threads, "checkpoint": str(checkpoint), "device": str(device),
+                   "weights_bytes": weights,
                    "pesf_skipped_slot_fraction": skipped, "results": {k: v.to_dict() for k, v in results.items()}}
         args.json_out.write_text(json.dumps(payload, indent=1) + "\n")
     return 0

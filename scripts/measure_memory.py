@@ -1,6 +1,6 @@
 """Peak memory of a quantization run against the size of the model: lazy (layer-at-a-time) vs in-memory loading.
 
-    OMP_NUM_THREADS=1 python scripts/measure_memory.py --layers 6 12 --write docs/MEMORY.md
+    python scripts/measure_memory.py --layers 6 12 --threads 1 --write docs/MEMORY.md
 
 For each size it writes a synthetic random Mixtral-style MoE checkpoint (fp32 safetensors, sharded, legacy
 per-expert keys as save_pretrained writes them) under --work-dir, runs `python -m eacmoe.quantize` on it in a
@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402  (does not import torch)
+
 log = logging.getLogger("measure_memory")
 
 
@@ -115,7 +119,8 @@ def write_report(path: Path, command: str, args, baseline: int, rows: list[Measu
         f"{args.hidden}, {args.experts} experts of intermediate size {args.intermediate}, vocab {args.vocab}. "
         f"Quantization: `--bits 2 --group-size 64 --router-steps 20 --nsamples {args.nsamples} --seqlen "
         f"{args.seqlen}` plus the final evaluation (`--eval-samples 2 --eval-seqlen 64`), CPU, float32, "
-        f"{os.cpu_count()} cores (shared with other jobs, so times are only indicative). Peak RSS is the kernel's "
+        f"{args.threads} torch thread(s) on {os.cpu_count()} cores (shared with other jobs, so times are only "
+        "indicative). Peak RSS is the kernel's "
         "`ru_maxrss` of the quantization process (`os.wait4`), so mapped checkpoint pages count too.",
         "",
         "Baseline (the same quantization of a one-layer, hidden-64 model: Python, torch, transformers, tokenizer, "
@@ -159,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the synthetic checkpoints and outputs go (deleted afterwards)")
     p.add_argument("--write", type=Path, default=None, help="write the results as markdown here (e.g. docs/MEMORY.md)")
     p.add_argument("--build-into", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the builder child
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    args.threads = set_threads(args.threads)  # torch threads of every child (OMP_NUM_THREADS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.build_into is not None:
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"checkpoint_bytes": size, "layer_bytes": layer_bytes}))
         return 0
     given = argv if argv is not None else sys.argv[1:]
-    command = "OMP_NUM_THREADS=1 python scripts/measure_memory.py " + " ".join(given)
+    command = command_line("python scripts/measure_memory.py", given, args.threads)
 
     work = args.work_dir
     if work.exists():

@@ -1,7 +1,7 @@
 """Evaluate one of eacmoe's tiny MoE models and write its model card, plots and expert-usage counts.
 
-    python scripts/model_card.py eacmoe/assets/models/tiny-mixtral
-    python scripts/model_card.py eacmoe/assets/models/tiny-qwen-moe
+    python scripts/model_card.py eacmoe/assets/models/tiny-mixtral --seqlen 256 --threads 1
+    python scripts/model_card.py eacmoe/assets/models/tiny-qwen-moe --seqlen 256 --threads 1
     python scripts/model_card.py tiny-mixtral --max-tokens 50000     # bundled name; quick, subsampled
 
 Writes into the model directory (an export of scripts/train_tiny_moe.py --export: config, weights,
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from eacmoe.assets import CORPUS_DIR, resolve_model
 from eacmoe.corpus import DOMAINS, SPLITS, iter_documents
+from eacmoe.threads import add_threads_argument, command_line, set_threads
 
 log = logging.getLogger("model_card")
 
@@ -640,15 +641,14 @@ def main(argv: list[str] | None = None) -> None:
                          "(default: all tokens of the split, ~0.4-0.5M each)")
     ap.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(ap)
     ap.add_argument("--no-train-token-count", action="store_true",
                     help="skip tokenising the train split (~15 s) for the card's token / epoch figures")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.usage_split not in args.splits:
         args.splits.append(args.usage_split)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (model_dir / "config.json").exists():
         ap.error(f"{model_dir} has no config.json; expected a directory written by train_tiny_moe.py --export")
     name = model_dir.resolve().name
-    card_cmd = shlex.join(["python", "scripts/model_card.py"] + list(sys.argv[1:] if argv is None else argv))
+    card_cmd = command_line("python scripts/model_card.py", sys.argv[1:] if argv is None else argv, threads)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.model_max_length = 10**9  # we window ourselves; silence the length warning
@@ -713,6 +713,7 @@ def main(argv: list[str] | None = None) -> None:
 
     usage_json = {
         "model": name, "split": args.usage_split, "seqlen": args.seqlen, "max_tokens": args.max_tokens,
+        "threads": threads,
         "num_experts": E, "top_k": k, "layers": layer_ids, "domains": list(DOMAINS),
         "tokens": results[args.usage_split]["scored_tokens"],  # routed (input) tokens = scored (target) tokens
         "tokens_per_domain": {d: int(usage[0, i].sum() // k) for i, d in enumerate(DOMAINS)},  # by input token

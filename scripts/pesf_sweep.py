@@ -1,8 +1,8 @@
 """PESF threshold sweep: how much prefill work each alpha removes, what it costs in quality, and what it buys in
 prefill speed, with the dropped or the renormalised routing weights.
 
-    python scripts/pesf_sweep.py                                   # bundled tiny-mixtral (FP), writes docs/pesf/
-    python scripts/pesf_sweep.py --model out/tiny-mixtral-qesc-w2  # a packed eacmoe export (QESC + PESF)
+    python scripts/pesf_sweep.py --threads 1           # bundled tiny-mixtral (FP), writes docs/pesf/
+    python scripts/pesf_sweep.py --model out/tiny-mixtral-qesc-w2 --threads 1    # a packed eacmoe export (QESC + PESF)
 
 For every alpha (0 = PESF off) and both ways of treating a skipped expert's weight, on held-out sequences of the
 bundled test split, each processed as one prefill:
@@ -34,6 +34,7 @@ from eacmoe.assets import resolve_model  # noqa: E402
 from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.pesf import PESFConfig, disable_pesf, enable_pesf  # noqa: E402
 from eacmoe.speed import measure_speed  # noqa: E402
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 
 log = logging.getLogger("pesf_sweep")
 
@@ -158,15 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suite-tasks", default="eacmoe_cloze,eacmoe_nextsent", help="lm-eval tasks (comma list)")
     ap.add_argument("--suite-limit", type=float, default=100, help="items per suite task (0 skips the suite)")
     ap.add_argument("--suite-batch-size", type=int, default=1,
-                    help="lm-eval batch size; keep 1: PESF counts a sequence's routing, and padding would count too")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                    help="lm-eval batch size (PESF ignores padding: results do not depend on it)")
+    add_threads_argument(ap)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "pesf", help="output directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if any(a < 0 for a in args.alphas):
         ap.error("alphas must be non-negative")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
 
     model, tokenizer = load(args.model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen))
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("alpha %g %s: skipped %.2f%%, ppl %.2f, KL %.2e, prefill x%.2f", r["alpha"], r["weights"],
                  100 * r["skipped_slots"], r["ppl"], r["kl"], r["prefill_speedup"])
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python scripts/pesf_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": command_line("python scripts/pesf_sweep.py", sys.argv[1:] if argv is None else argv, threads),
             "model": Path(str(args.model)).name, "eval_samples": sequences.shape[0], "seqlen": seqlen,
-            "speed_batch": args.speed_batch, "threads": torch.get_num_threads(), "suite_limit": args.suite_limit}
+            "speed_batch": args.speed_batch, "threads": threads, "suite_limit": args.suite_limit}
     write_report(rows, meta, args.out)
     print((args.out / "PESF.md").read_text())
 

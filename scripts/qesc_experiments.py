@@ -2,12 +2,14 @@
 suite accuracies, over several calibration seeds, with a PAIRED router comparison.
 
     python scripts/qesc_experiments.py --models tiny-mixtral tiny-qwen-moe --bits 2 2.5 3 --seeds 0 1 2 \
-        --settings experts attn4 --out docs/qesc_results     # writes results.jsonl, RESULTS.md, shift.png
+        --settings experts attn4 --threads 1 --out docs/qesc_results     # writes results.jsonl, RESULTS.md, shift.png
 
 Paired comparison: every QESC run is evaluated twice, with its calibrated routers and with the FP routers put
 back into the very same quantized model ("qesc-experts+fp-router"), so the router's own effect is measured
 without the noise of different quantized experts. Rows are appended to results.jsonl as they finish, and a
-rerun skips rows already there, so the (long) job can be interrupted and continued.
+rerun skips rows already there, so the (long) job can be interrupted and continued. Every row records the weights
+and the torch thread count it was measured with, and a rerun refuses to add rows measured otherwise: the paired
+differences are smaller than what another thread count changes.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -32,9 +33,11 @@ from eacmoe.adapters import get_adapter  # noqa: E402
 from eacmoe.calibration import get_calibration_data  # noqa: E402
 from eacmoe.expert_shift import measure_expert_shift, measure_fp_reference  # noqa: E402
 from eacmoe.heldout import heldout_sequences  # noqa: E402
+from eacmoe.job_checks import check_group_size_for_model  # noqa: E402
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig  # noqa: E402
 from eacmoe.schedule import parse_expert_bits  # noqa: E402
-from eacmoe.workflow import bits_account, check_group_size, load_model  # noqa: E402
+from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
+from eacmoe.workflow import bits_account, load_model  # noqa: E402
 
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
@@ -83,10 +86,20 @@ def check_same_checkpoint(rows: list[dict], model_name: str, fingerprint: str, r
                          "aside or pass another --out")
 
 
+def check_same_threads(rows: list[dict], threads: int, results_path: Path) -> None:
+    """Rows measured with another torch thread count (or with none recorded) must not be paired with new ones."""
+    other = {r.get("threads") for r in rows} - {threads}
+    if other:
+        counts = ", ".join(sorted("not recorded" if t is None else str(t) for t in other))
+        raise SystemExit(f"{results_path} holds rows measured with {counts} torch thread(s), this run uses {threads}; "
+                         "pass the same --threads, move the file aside or pass another --out")
+
+
 def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     rows = load_rows(results_path) if results_path.exists() else []
+    check_same_threads(rows, args.threads, results_path)
     done = {json.dumps(r["key"]) for r in rows}
     for i, model_name in enumerate(args.models):
         fp_model, tokenizer = load_model(model_name, torch.float32)
@@ -102,10 +115,10 @@ def run(args) -> None:
         references = {k: measure_fp_reference(fp_model, ids, batch_size=8) for k, ids in heldout.items()}  # fp/fp once
         num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
         # fail before hours of work, not at the first quantized layer (e.g. tiny-qwen-moe's experts are 64 wide)
-        check_group_size(LayerwiseQuantizer(fp_model, QuantizeConfig(expert_bits=[2] * num_layers)), args.group_size)
+        check_group_size_for_model(fp_model, args.group_size)
         fp_key = {"model": model_name, "method": "fp"}
         if json.dumps(fp_key) not in done:
-            append(results_path, fp_key, {"checkpoint": checkpoint,
+            append(results_path, fp_key, {"checkpoint": checkpoint, "threads": args.threads,
                                           **evaluate(fp_model, copy.deepcopy(fp_model), tokenizer, heldout, references, args)})
         for setting in args.settings:
             for bits in args.bits:
@@ -122,7 +135,7 @@ def run(args) -> None:
                         quantizer = LayerwiseQuantizer(q_model, cfg)
                         quantizer.run(calib)
                         seconds = time.perf_counter() - t0
-                        append(results_path, key, {"checkpoint": checkpoint,
+                        append(results_path, key, {"checkpoint": checkpoint, "threads": args.threads,
                                                    **evaluate(fp_model, q_model, tokenizer, heldout, references, args),
                                                    "seconds": seconds,
                                                    "average_bits": bits_account(quantizer).paper_average_bits})
@@ -131,7 +144,7 @@ def run(args) -> None:
                             # a diagnostic for the paired router comparison (shift, KL, ppl): no suite run
                             restore_fp_routers(q_model, fp_model)
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
-                                   {"checkpoint": checkpoint,
+                                   {"checkpoint": checkpoint, "threads": args.threads,
                                     **evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False)})
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md")
@@ -233,8 +246,9 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
     settings = ["fp", *SETTINGS]
     groups = dict(sorted(groups.items(), key=lambda g: (g[0][0], settings.index(g[0][1]), float(g[0][2]),
                                                         METHOD_ORDER.index(g[0][3]))))
+    threads = sorted({"not recorded" if r.get("threads") is None else str(r["threads"]) for r in rows})
     lines = ["Produced by (rows appended by each command in turn; `--report-only` rewrites this file):", "",
-             *[f"    {c}" for c in commands], "",
+             *[f"    {c}" for c in commands], "", f"Torch CPU threads of the rows: {', '.join(threads)}.", "",
              "Mean ± sample standard deviation over calibration seeds (n). test ppl, KL and shift rates on the bundled "
              "test split, per-domain ppl on each domain's test documents, WT2 = WikiText-2 test; oracle = the quantized "
              "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
@@ -362,15 +376,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
     ap.add_argument("--suite-batch-size", type=int, default=16,
                     help="lm-eval batch size (results equal batch size 1 within float rounding; ~1.6x faster on CPU)")
+    add_threads_argument(ap)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and shift.png from results.jsonl")
     args = ap.parse_args(argv)
-    args.command = "python scripts/qesc_experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = command_line("python scripts/qesc_experiments.py", sys.argv[1:] if argv is None else argv,
+                                args.threads)
     args.suite_tasks = [t for t in args.suite_tasks.split(",") if t]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.report_only:
         write_markdown(args.out / "results.jsonl", args.out / "RESULTS.md")
     else:
+        args.threads = set_threads(args.threads)
         run(args)
 
 

@@ -9,7 +9,8 @@
 # README.md; replaces out/), pesf (docs/pesf/), router (router-calibration sweep, written to runs/figures/ for
 # docs/ROUTER_SWEEP.md), runtime (docs/BENCHMARKS.md and the 24 GB demo; needs the quantize stage's export),
 # qesc (the matrix in docs/qesc_results/, resumable: rows already in results.jsonl are skipped).
-# Two lanes run side by side, one model per CPU core; each stage's log is in runs/figures/<lane>.log.
+# Two lanes run side by side, one model per CPU core; each stage's log is in runs/figures/<lane>.log. Results depend
+# on the torch thread count, so every command states it (--threads 1; OMP_NUM_THREADS=1 for anything else).
 # The prose around the numbers in README.md and docs/*.md is not rewritten: read the new tables and update it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,23 +29,24 @@ qesc_rows() {  # the QESC matrix of one model, one bit width at a time so an int
   local model=$1; shift
   for bits in 2 2.5 3; do
     run $PY scripts/qesc_experiments.py --models "$model" --bits "$bits" --seeds 0 1 2 --settings experts attn4 \
-      --suite-limit 200 "$@" --out docs/qesc_results
+      --suite-limit 200 "$@" --threads 1 --out docs/qesc_results
   done
 }
 
 lane_mixtral() {
   if wants cards; then run $PY scripts/model_card.py eacmoe/assets/models/tiny-mixtral --seqlen 256 --threads 1; fi
   if wants suite; then
-    run $PY eval/run_suite.py --models tiny-mixtral tiny-qwen-moe --unigram --out docs/baseline.md
+    run $PY eval/run_suite.py --models tiny-mixtral tiny-qwen-moe --unigram --threads 1 --out docs/baseline.md
   fi
-  if wants quantize; then run /usr/bin/time -v $PY -m eacmoe.quantize --overwrite; fi
+  if wants quantize; then run /usr/bin/time -v $PY -m eacmoe.quantize --threads 1 --overwrite; fi
   if wants runtime; then
-    run $PY scripts/benchmark_runtime.py --out docs/BENCHMARKS.md
-    run $PY scripts/deploy_24gb.py
+    run $PY scripts/benchmark_runtime.py --threads 1 --out docs/BENCHMARKS.md
+    run $PY scripts/deploy_24gb.py --threads 1
   fi
   if wants pesf; then run $PY scripts/pesf_sweep.py --model tiny-mixtral --threads 1 --out docs/pesf/tiny-mixtral; fi
   if wants router; then
-    run $PY scripts/router_sweep.py --model tiny-mixtral --objectives auto tokens --out "$LOG/router_sweep_mixtral.md"
+    run $PY scripts/router_sweep.py --model tiny-mixtral --objectives auto tokens --threads 1 \
+      --out "$LOG/router_sweep_mixtral.md"
   fi
   if wants qesc; then qesc_rows tiny-mixtral; fi
 }
@@ -52,11 +54,11 @@ lane_mixtral() {
 lane_qwen() {
   if wants cards; then run $PY scripts/model_card.py eacmoe/assets/models/tiny-qwen-moe --seqlen 256 --threads 1; fi
   if wants quantize; then
-    run /usr/bin/time -v $PY -m eacmoe.quantize --model tiny-qwen-moe --bits 2.5 --group-size 64 --overwrite
+    run /usr/bin/time -v $PY -m eacmoe.quantize --model tiny-qwen-moe --bits 2.5 --group-size 64 --threads 1 --overwrite
   fi
   if wants pesf; then run $PY scripts/pesf_sweep.py --model tiny-qwen-moe --threads 1 --out docs/pesf/tiny-qwen-moe; fi
   if wants router; then
-    run $PY scripts/router_sweep.py --model tiny-qwen-moe --group-size 64 --out "$LOG/router_sweep_qwen.md"
+    run $PY scripts/router_sweep.py --model tiny-qwen-moe --group-size 64 --threads 1 --out "$LOG/router_sweep_qwen.md"
   fi
   if wants qesc; then qesc_rows tiny-qwen-moe --group-size 64; fi
 }

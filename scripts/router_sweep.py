@@ -5,14 +5,13 @@ quantized stream. Each setting (learning rate x steps, and K) then re-fits the r
 those tokens and is scored on the last 20%: TopK-MSE, and the layer's expert-shift rate ("any of the top-k
 changed" against the FP router on FP inputs) with the calibrated vs the uncalibrated router.
 
-    python scripts/router_sweep.py --model tiny-mixtral --bits 2 --out docs/router_sweep.md
+    python scripts/router_sweep.py --model tiny-mixtral --bits 2 --threads 1 --out docs/router_sweep.md
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import logging
-import shlex
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from eacmoe.calibration import get_calibration_data
 from eacmoe.expert_shift import change_counts
 from eacmoe.router_calibration import RouterCalibrationConfig, calibrate_router, topk_mse
 from eacmoe.schedule import parse_expert_bits
+from eacmoe.threads import add_threads_argument, command_line, set_threads
 from eacmoe.workflow import load_model
 
 log = logging.getLogger("router_sweep")
@@ -79,15 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--objectives", nargs="+", choices=("auto", "tokens", "statistics"), default=["auto"],
                     help="how Adam evaluates the loss (same values; compare their time per layer)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file for the table")
+    add_threads_argument(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    threads = set_threads(args.threads)
     model, tokenizer = load_model(args.model, torch.float32)
     records = record_router_inputs(model, args.bits, args.nsamples, args.seqlen, args.seed, tokenizer, args.group_size)
     n = records[0]["x_q"].shape[0]
     fit, test = slice(0, int(0.8 * n)), slice(int(0.8 * n), n)
     base = [score(r, r["weight"], test) for r in records]
-    command = "python scripts/router_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    lines = [f"`{command}`: {len(records)} MoE layers, {n} tokens (fit on 80%, scored on 20%).", "",
+    command = command_line("python scripts/router_sweep.py", sys.argv[1:] if argv is None else argv, threads)
+    lines = [f"`{command}`: {len(records)} MoE layers, {n} tokens (fit on 80%, scored on 20%), "
+             f"{threads} torch CPU thread(s).", "",
              "| K | solver | objective | lr | steps | held-out TopK-MSE (mean over layers) "
              "| shift any % (uncalibrated → calibrated) | seconds per layer |",
              "|---|---|---|---|---|---|---|---|",

@@ -108,6 +108,147 @@ def test_wikitext2_offline_uses_local_copy(tokenizer, monkeypatch) -> None:
     assert get_calibration_data("wikitext2", tokenizer, 2, 128).shape == (2, 128)
 
 
+# ---- a quiet run without network: the hub is probed once, quickly, and never retried
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Online mode as a newcomer has it (no offline variables), on a machine whose network is down; the calls that
+    reach datasets.load_dataset are recorded (it would retry the hub for ~25 s)."""
+    import datasets
+
+    from eacmoe import hub
+
+    for variable in OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+    def unreachable(address, timeout=None):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    hub._connects.cache_clear()
+    calls: list[tuple] = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or [])
+    yield calls
+    hub._connects.cache_clear()
+
+
+def test_hub_probe_answers_within_its_timeout_when_the_network_hangs(monkeypatch) -> None:
+    """A connect (or name lookup) that hangs costs CONNECT_TIMEOUT_S, not the OS's minutes; an answer is True,
+    a refusal False, and offline mode does not touch the network."""
+    import threading
+    import time
+
+    from eacmoe import hub
+
+    for variable in OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    release, attempts = threading.Event(), []
+
+    def hanging(address, timeout=None):
+        attempts.append(address)
+        release.wait(10)  # a lookup that does not honour the socket timeout
+        raise OSError("timed out")
+
+    monkeypatch.setattr(hub.socket, "create_connection", hanging)
+    hub._connects.cache_clear()
+    try:
+        start = time.perf_counter()
+        assert hub.hub_reachable() is False
+        assert time.perf_counter() - start < hub.CONNECT_TIMEOUT_S + 1.0
+        assert attempts == [("huggingface.co", 443)]
+        assert hub.hub_reachable() is False and len(attempts) == 1  # asked once per process
+    finally:
+        release.set()
+
+    class Connection:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(hub.socket, "create_connection", lambda address, timeout=None: Connection())
+    hub._connects.cache_clear()
+    assert hub.hub_reachable() is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub.socket, "create_connection", hanging)
+    hub._connects.cache_clear()
+    assert hub.hub_reachable() is False and len(attempts) == 1
+    hub._connects.cache_clear()
+
+
+def test_hub_probe_goes_where_hub_requests_would(monkeypatch) -> None:
+    """The probed address is the one a download would connect to: the HTTPS proxy if set, else HF_ENDPOINT."""
+    from eacmoe.hub import hub_address
+
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    assert hub_address() == ("huggingface.co", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hf-mirror.internal:8080")
+    assert hub_address() == ("hf-mirror.internal", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert hub_address() == ("proxy.internal", 3128)
+
+
+def test_wikitext2_heldout_is_skipped_in_one_line_without_network(no_network, tokenizer, monkeypatch, caplog) -> None:
+    import logging
+
+    from eacmoe import heldout
+
+    monkeypatch.setattr(heldout, "wikitext2_dir", lambda: None)  # a checkout without ../shared/data
+    with caplog.at_level(logging.INFO, logger="eacmoe"):
+        assert heldout.heldout_sequences("wikitext2", tokenizer, 2, 32) is None
+    assert no_network == []  # the hub was not asked (no retries)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("eacmoe")]
+    assert len(lines) == 1 and "wikitext2 skipped" in lines[0] and "EACMOE_WIKITEXT2_DIR" in lines[0], lines
+
+
+def test_wikitext2_calibration_goes_to_the_local_copy_without_network(no_network, tokenizer, tmp_path,
+                                                                      monkeypatch) -> None:
+    text = "".join(f" = Page {i} = \n\n page {i} says {' '.join(['words'] * 40)} .\n\n" for i in range(8))
+    for split in ("valid", "test"):
+        (tmp_path / f"{split}.txt").write_text(text)
+    monkeypatch.setenv("EACMOE_WIKITEXT2_DIR", str(tmp_path))
+    ids = get_calibration_data("wikitext2", tokenizer, 2, 64)
+    assert no_network == []
+    assert "page" in tokenizer.decode(ids[0]) and "words" in tokenizer.decode(ids[0])
+    with pytest.raises(CalibrationDataError, match="unreachable"):
+        get_calibration_data("c4", tokenizer, 1, 8)
+    assert no_network == []
+
+
+def test_tokenizer_length_warning_is_silenced_where_text_is_cut_into_windows(tmp_path) -> None:
+    """Calibration and held-out text is tokenized whole, then cut into windows: the tokenizer's "longer than the
+    specified maximum sequence length ... indexing errors" warning is wrong there and must not be printed."""
+    import logging
+
+    from eacmoe.heldout import heldout_sequences
+
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(" ".join(f"word{i % 50}" for i in range(6000)))
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    tokenizer_logger = logging.getLogger("transformers.tokenization_utils_base")
+    tokenizer_logger.addHandler(handler)
+    try:
+        fresh = AutoTokenizer.from_pretrained(TOKENIZER_DIR)  # the warning is given once per tokenizer object
+        assert get_calibration_data(str(long_doc), fresh, 2, 1024).shape == (2, 1024)
+        fresh = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        assert heldout_sequences("bundled-test", fresh, 2, 64).shape == (2, 64)
+        assert not [w for w in warnings if "maximum sequence length" in w], warnings
+        # the control: the same long text through the tokenizer directly does warn, and is seen here
+        fresh = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        assert len(fresh(long_doc.read_text())["input_ids"]) > fresh.model_max_length
+        assert [w for w in warnings if "maximum sequence length" in w]
+    finally:
+        tokenizer_logger.removeHandler(handler)
+
+
 def test_bit_schedules() -> None:
     assert parse_expert_bits("2", 4) == [2, 2, 2, 2]
     assert parse_expert_bits("2.5", 32) == [3] * 16 + [2] * 16

@@ -168,6 +168,19 @@ def test_run_suite_refuses_quantized_checkpoints(tmp_path):
         run_suite.evaluate_model_dir(str(tmp_path), limit=2)
 
 
+@pytest.mark.parametrize("config, trusted", [
+    ({"model_type": "mixtral", "eacmoe": {"format": "packed", "version": 1}}, True),  # a packed export
+    ({"model_type": "eacmoe"}, True),  # a packed export made before the eacmoe marker
+    ({"model_type": "mixtral"}, False),
+], ids=["packed", "pre-marker", "plain"])
+def test_lm_eval_command_trusts_remote_code_for_packed_exports_only(tmp_path, config, trusted):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    command = run_suite.lm_eval_command(str(tmp_path))
+    model_args = command[command.index("--model_args") + 1].split(",")
+    assert ("trust_remote_code=True" in model_args) == trusted
+    assert ("experts_implementation=eager" in model_args) != trusted
+
+
 @pytest.mark.integration
 def test_lm_eval_cli_on_packed_export_equals_in_memory(tmp_path):
     """The real lm_eval CLI on an exported bundled model reproduces simple_evaluate on the in-memory model."""

@@ -4,7 +4,10 @@ comparison loads in fp16 and casts the model to fp32, so the dequantized weights
 exact fp16 values, but (code - zero) * scale is rounded to fp16 by its kernel) - hence the tolerance.
 
 GPTQModel runs in a subprocess: loading a model makes it patch transformers' MoE classes process-wide (its
-`defuser` swaps the fused experts blocks for per-expert ModuleLists), which would break every later test."""
+`defuser` swaps the fused experts blocks for per-expert ModuleLists), which would break every later test.
+
+The weight files carry GPTQModel's legacy base name (gptq_model-{bits}bit-{group}g, which plain transformers does
+not look for), single or sharded; GPTQModel must find them and fill every tensor of its model from them."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eacmoe.assets import TOKENIZER_DIR
+from eacmoe.export import DEFAULT_MAX_SHARD_BYTES
 
 from test_export import export, load
 from test_pipeline import calib_ids, quantize
@@ -35,12 +39,14 @@ GPTQMODEL_LOGITS = """
 import sys, torch
 import gptqmodel
 from gptqmodel import BACKEND, GPTQModel
+from eacmoe.verify import tensors_not_in_checkpoint
 path, ids_file, out_file = sys.argv[1:4]
 model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.to(torch.float32).eval()
 quantized = sum(1 for m in model.modules() if isinstance(m, gptqmodel.nn_modules.qlinear.BaseQuantLinear))
 with torch.no_grad():
     logits = model(torch.load(ids_file)).logits
-torch.save({"logits": logits, "quantized_modules": quantized}, out_file)
+torch.save({"logits": logits, "quantized_modules": quantized, "made_up": tensors_not_in_checkpoint(model, path)},
+           out_file)
 """
 
 
@@ -65,8 +71,8 @@ def all_moe(name: str):
     return model
 
 
-@pytest.mark.parametrize("name,bits", [("mixtral", [3, 2, 2]), ("qwen2_moe", [2, 4, 2])])
-def test_gptqmodel_loads_our_gptq_export(tmp_path: Path, name: str, bits: list[int]) -> None:
+@pytest.mark.parametrize("name,bits,max_shard_bytes", [("mixtral", [3, 2, 2], None), ("qwen2_moe", [2, 4, 2], 60_000)])
+def test_gptqmodel_loads_our_gptq_export(tmp_path: Path, name: str, bits: list[int], max_shard_bytes) -> None:
     # per-layer expert widths differ from attention's 4 bits: exercises GPTQModel's `dynamic` overrides
     # (group size 16: GPTQModel's CPU kernel needs >= 16)
     model, q = quantize(name, bits=bits, group_size=16, model=all_moe(name))
@@ -75,12 +81,18 @@ def test_gptqmodel_loads_our_gptq_export(tmp_path: Path, name: str, bits: list[i
         reference = model(ids).logits
     packed = load(export(model, q, tmp_path / "packed"))
     model2, q2 = quantize(name, bits=bits, group_size=16, model=all_moe(name))
-    gptq_dir = export(model2, q2, tmp_path / "gptq", fmt="gptq", tokenizer=AutoTokenizer.from_pretrained(TOKENIZER_DIR))
+    gptq_dir = export(model2, q2, tmp_path / "gptq", fmt="gptq", tokenizer=AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     quantize_config = json.loads((gptq_dir / "quantize_config.json").read_text())
     assert quantize_config["format"] == "gptq" and quantize_config["dynamic"]
+    shards = list(gptq_dir.glob("gptq_model-*.safetensors"))
+    assert (len(shards) > 1) == bool(max_shard_bytes)
+    index = gptq_dir / f"gptq_model-{quantize_config['bits']}bit-16g.safetensors.index.json"
+    assert index.is_file() == bool(max_shard_bytes)
 
     theirs = gptqmodel_logits(gptq_dir, ids, tmp_path)
     assert theirs["quantized_modules"] == len(q2.quantized), "GPTQModel did not build every quantized module"
+    assert theirs["made_up"] == [], "GPTQModel initialised tensors the checkpoint does not hold"
     with torch.no_grad():
         ours = packed(ids).logits
     logits = theirs["logits"]

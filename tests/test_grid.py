@@ -135,6 +135,13 @@ def test_asym_grid_spans_min_and_max(bits):
     assert bool((deq[:, ::5] == 0).all())
 
 
+def test_asym_grid_of_a_one_signed_group_reaches_zero():
+    # all-positive / all-negative groups: the range is [0, max] / [min, 0], so 0 is a grid point (code = zero)
+    w = torch.tensor([[0.5, 1.0, 2.0, 3.0], [-3.0, -2.0, -1.0, -0.5]])
+    scale, zero = fit_grid(w, bits=2, sym=False, scale_dtype="float32")
+    assert scale.tolist() == [1.0, 1.0] and zero.tolist() == [0.0, 3.0]
+
+
 def test_sym_grid_on_nonnegative_group_is_not_clipped():
     # GPTQ's own find_params would use range [0, max] with a mid zero point here and clip the top half.
     w = torch.rand(4, 16) + 0.1

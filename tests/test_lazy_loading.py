@@ -3,6 +3,7 @@ in-memory one (weights, quantized state, evaluation, output loadable with from_p
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Mix
 from eacmoe import workflow
 from eacmoe.assets import TOKENIZER_DIR
 from eacmoe.lazy_loading import CheckpointLayers, LayerLoader, checkpoint_files
-from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig, progress_layer_file, read_progress_layer
+from eacmoe.pipeline import LayerwiseQuantizer, ModelLayers, QuantizeConfig, progress_layer_file, read_progress_layer
+from eacmoe.weight_scan import NonFiniteWeightsError, check_finite, scan_weights
 from eacmoe.quantize import build_parser
 from eacmoe.workflow import JobError, QuantizeJob, run_job
 from tiny_models import FAMILY_NAMES, VOCAB, build
@@ -29,6 +31,14 @@ def save(model, path: Path, sharded: bool = False) -> Path:
 def all_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in checkpoint_files(directory):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def exported_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export's safetensors files (the packed format does not use transformers' file names)."""
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
 
@@ -167,11 +177,75 @@ def test_lazy_flag() -> None:
     assert build_parser().parse_args(["--no-lazy"]).lazy is False
 
 
-def test_lazy_job_refuses_nan_weights(tmp_path: Path) -> None:
-    path = tiny_job_checkpoint(tmp_path / "nan", nan_in_layer=1)
-    with pytest.raises(JobError, match="NaN"):
+def test_lazy_job_refuses_nan_weights_before_the_first_layer(tmp_path: Path, monkeypatch) -> None:
+    path = tiny_job_checkpoint(tmp_path / "nan", nan_in_layer=1)  # the last layer: found only at its turn before
+    quantized_layers = []
+    monkeypatch.setattr(LayerwiseQuantizer, "quantize_layer", lambda self, i, *a: quantized_layers.append(i))
+    with pytest.raises(JobError, match=r"model\.layers\.1\.mlp\.experts\.down_proj holds NaN"):
         run_job(QuantizeJob(model=str(path), **FAST_JOB, out=str(tmp_path / "o"), lazy=True))
-    assert not (tmp_path / "o").exists()
+    assert quantized_layers == []
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_finite_finds_every_nan_and_inf_and_only_those(dtype: torch.dtype) -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        weight = torch.randn(64, 48).to(dtype)
+        weight[17, 5] = bad
+        with pytest.raises(NonFiniteWeightsError, match="w holds NaN or Inf"):
+            check_finite([("w", weight)])
+    # finite values whose sum overflows (the fast path's false alarm) are not refused
+    check_finite([("large", torch.full((64, 48), torch.finfo(dtype).max / 2, dtype=dtype))])
+    check_finite([("ints", torch.full((4,), 2**40, dtype=torch.int64))])
+
+
+def test_fingerprint_is_the_weights_not_the_loading(tmp_path: Path) -> None:
+    """The same checkpoint gives the same fingerprint read lazily or whole and from a copy elsewhere (so --resume
+    may switch --lazy), another checkpoint of the same architecture, or one changed tensor, another one."""
+    path = tiny_job_checkpoint(tmp_path / "a")
+    shutil.copytree(path, tmp_path / "copy")
+
+    def lazy(p: Path) -> str:
+        loader = LayerLoader(p, torch.float32)
+        return scan_weights(loader.model, CheckpointLayers(loader)).fingerprint
+
+    def in_memory(model) -> str:
+        return scan_weights(model, ModelLayers(model.model.layers)).fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    fingerprint = in_memory(model)
+    assert lazy(path) == fingerprint == lazy(tmp_path / "copy")
+    other = MixtralForCausalLM(model.config)  # same config, freshly initialised weights
+    assert in_memory(other) != fingerprint
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1.01)
+    changed = in_memory(model)
+    assert changed != fingerprint
+    assert in_memory(model.to(torch.bfloat16)) != changed  # another --dtype computes other results
+
+
+def test_resume_may_switch_between_lazy_and_in_memory(tmp_path: Path, caplog) -> None:
+    model, _ = build("mixtral")
+    path = save(model, tmp_path / "ckpt")
+    in_memory = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    cfg = quantize_config(len(in_memory.model.layers))
+    LayerwiseQuantizer(in_memory, cfg, progress_dir=tmp_path / "p").run(calib_ids(), stop_after_layer=0)
+    resumed = lazy_quantizer(path, tmp_path / "p")
+    assert resumed.resumable_layers(calib_ids()) == 1
+    state_file = tmp_path / "p" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "threads": 99}))
+    resumed.run(calib_ids(), resume=True)
+    assert any("computed with 99 torch threads" in r.getMessage() for r in caplog.records)
+    full = lazy_quantizer(path, tmp_path / "full")
+    full.run(calib_ids())
+    for i in range(len(in_memory.model.layers)):
+        assert_same_state(load_file(progress_layer_file(tmp_path / "p", i)),
+                          load_file(progress_layer_file(tmp_path / "full", i)))
+    # starting over (resume=False) discards the finished progress, and says so
+    lazy_quantizer(path, tmp_path / "p").run(calib_ids(), stop_after_layer=0)
+    layers = len(cfg.expert_bits)
+    assert any(r.levelname == "WARNING" and f"discarding the progress of {layers} of {layers} layers" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("fmt", ["packed", "dequantized"])
@@ -187,7 +261,7 @@ def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.Monke
     assert reports[True]["lazy_loading"] and not reports[False]["lazy_loading"]
     assert reports[True]["evaluation"] == reports[False]["evaluation"]
     assert reports[True]["average_bits_true"] == reports[False]["average_bits_true"]
-    assert_same_state(all_checkpoint_tensors(lazy_out), all_checkpoint_tensors(eager_out))
+    assert_same_state(exported_tensors(lazy_out), exported_tensors(eager_out))
     assert json.loads((lazy_out / "config.json").read_text()) == json.loads((eager_out / "config.json").read_text())
     if fmt == "packed":
         kwargs = {"trust_remote_code": True}

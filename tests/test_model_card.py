@@ -70,6 +70,7 @@ def test_model_card_outputs(tiny_model_dir):
     per_domain = torch.tensor([usage["tokens_per_domain"][d] for d in mc.DOMAINS])
     assert per_domain.sum() == n_tokens and (counts.sum(-1) == per_domain * usage["top_k"]).all()
     assert usage["top_k"] == 2 and usage["num_experts"] == 4 and usage["split"] == "test"
+    assert usage["threads"] == 1  # the default thread count, recorded (and stated in the card's command below)
 
     for split in ("validation", "test"):
         ppl = usage["perplexity"][split]
@@ -88,6 +89,7 @@ def test_model_card_outputs(tiny_model_dir):
     assert "the validation loss changed by -3.000" in card
     # the commands that reproduce it: from scratch, the continuation, the export of the continued run
     assert "--out runs/tiny-test --total-steps 300" in card
+    assert "--no-train-token-count --threads 1\n" in card
     assert "--out runs/tiny-test-2 --total-steps 400 --batch 16 --seqlen 256 --lr 0.001 --warmup 10" in card
     assert "--seed 1 --init-from eacmoe/assets/models/tiny-test" in card
     assert "--arch mixtral --out runs/tiny-test-2 --export" in card

@@ -150,11 +150,12 @@ def test_bad_inputs():
         unpack_gptq({"qweight": packed["qweight"]}, 4, 32, sym=False)
 
 
-def test_unpack_without_g_idx_rebuilds_it():
-    qw = random_qweight(4, 64, 8, 32)
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_unpack_without_g_idx_rebuilds_it(group_size):
+    qw = random_qweight(4, 64, 8, group_size)
     packed = pack_gptq(qw)
     del packed["g_idx"]
-    assert_same_qweight(unpack_gptq(packed, 4, 32, sym=False), qw)
+    assert_same_qweight(unpack_gptq(packed, 4, group_size, sym=False), qw)
 
 
 # ---------------------------------------------------------------------------------------- against GPTQModel

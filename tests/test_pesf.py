@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eacmoe.pesf import PESFConfig, apply_pesf, disable_pesf, enable_pesf, pesf_keep_mask, selection_counts
+from eacmoe.pesf import (PESFConfig, PESFStats, apply_pesf, disable_pesf, enable_pesf, pesf_keep_mask,
+                         real_token_mask, selection_counts)
 from test_export import export, load
 from test_pipeline import calib_ids, quantize
 from tiny_models import FAMILY_NAMES, build
@@ -38,6 +39,60 @@ def test_sequences_are_counted_separately_and_decode_is_untouched() -> None:
     assert torch.equal(new_index, index)  # as one sequence of 4 tokens, every expert would fall under 2
     same_index, same_weights = apply_pesf(index, weights, 4, 1, 4, PESFConfig(alpha=5.0))
     assert same_index is index and same_weights is weights
+
+
+def padded(rows: torch.Tensor, fill: torch.Tensor, length: int, side: str) -> torch.Tensor:
+    """``rows`` (one per token) padded with copies of the row ``fill`` to ``length`` rows, on ``side``."""
+    pad = fill.expand(length - len(rows), -1)
+    return torch.cat([rows, pad] if side == "right" else [pad, rows])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_is_not_counted_closed_form(side: str) -> None:
+    # the closed-form sequence above padded to 8 positions routed to experts 2 and 3 (counted, they would pass the
+    # threshold), batched with a sequence of one real token: each gets its routing alone, and the one-token
+    # sequence is untouched like a decoding step (at alpha 5, counted, it would lose every expert)
+    index = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+    one_index, one_weights = torch.tensor([[3, 2]]), torch.tensor([[0.8, 0.2]])
+    pad_index, pad_weights = torch.tensor([[2, 3]]), torch.tensor([[0.5, 0.5]])
+    yes, no = torch.ones(1, 1), torch.zeros(1, 1)
+    batch_index = torch.cat([padded(index, pad_index, 8, side), padded(one_index, pad_index, 8, side)])
+    batch_weights = torch.cat([padded(weights, pad_weights, 8, side), padded(one_weights, pad_weights, 8, side)])
+    real = torch.cat([padded(yes.expand(4, 1), no, 8, side), padded(yes, no, 8, side)]).reshape(2, 8).bool()
+    seq0, seq1 = (slice(0, 4), slice(8, 9)) if side == "right" else (slice(4, 8), slice(15, 16))
+    assert selection_counts(batch_index, 2, 4, real).tolist() == [[4, 2, 1, 1], [0, 0, 1, 1]]
+
+    config = PESFConfig(alpha=0.6, renormalize=True)
+    alone_stats, stats = PESFStats(), PESFStats()
+    alone_index, alone_weights = apply_pesf(index, weights, 1, 4, 4, config, alone_stats)
+    new_index, new_weights = apply_pesf(batch_index, batch_weights, 2, 8, 4, config, stats, real=real)
+    assert torch.equal(new_index[seq0], alone_index) and torch.equal(new_weights[seq0], alone_weights)
+    assert torch.equal(new_index[seq1], one_index) and torch.equal(new_weights[seq1], one_weights)
+    # the stats count sequence 0's real slots only, as alone
+    assert (stats.sequences, stats.slots, stats.skipped_slots, stats.expert_sequence_pairs) == (1, 8, 2, 4)
+    assert stats == alone_stats
+    new_index, _ = apply_pesf(batch_index, batch_weights, 2, 8, 4, PESFConfig(alpha=5.0), real=real)
+    assert torch.equal(new_index[seq1], one_index)
+
+
+def test_real_token_mask_rules() -> None:
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    assert real_token_mask(mask, None).tolist() == [[False, False, True, True], [True, True, True, False]]
+    zeros = torch.zeros(2, 4, dtype=torch.long)  # a mask, when given, decides even where the ids are 0
+    assert torch.equal(real_token_mask(mask.float(), zeros), real_token_mask(mask, None))
+    # no mask: only a trailing run of token 0 (lm_eval's right padding) is padding
+    ids = torch.tensor([[0, 5, 0, 7, 0, 0], [4, 0, 3, 2, 1, 6]])
+    assert real_token_mask(None, ids).tolist() == [[True] * 4 + [False] * 2, [True] * 6]
+    assert real_token_mask(None, None) is None
+    # a 4-D mask (static cache): a query is real where it attends to its own key, past_length columns right
+    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()  # keys: 2 cached + 3 new
+    causal = torch.ones(3, 5).tril(diagonal=2).bool()
+    mask4d = (causal & padding[:, None, :])[:, None]  # [2, 1, 3, 5]
+    assert real_token_mask(mask4d, None, past_length=2).tolist() == [[True, True, True], [True, True, False]]
+    additive = torch.zeros(2, 1, 3, 5).masked_fill(~mask4d, float("-inf"))
+    assert real_token_mask(additive, None, past_length=2).tolist() == [[True, True, True], [True, True, False]]
+    assert real_token_mask(torch.ones(2, 1, 4, 3).bool(), ids) is None  # a shape it cannot read: all count
 
 
 def test_bad_alpha() -> None:
@@ -86,6 +141,23 @@ def test_hook_matches_independent_reference(name: str, renormalize: bool) -> Non
     assert sum(s.skipped_slots for s in stats.values()) > 0  # the case is not vacuous
 
 
+def test_block_run_alone_after_a_padded_model_call_counts_all_tokens() -> None:
+    """The mask of a finished model call is not left behind for the next call of a block on its own."""
+    model, adapter = build("mixtral")
+    block = next(adapter.moe_block(layer) for layer in adapter.decoder_layers(model)
+                 if adapter.moe_block(layer) is not None)
+    hidden = torch.randn(2, 10, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    enable_pesf(model, PESFConfig(alpha=0.8))
+    ids = calib_ids(2, 10, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        ours = block(hidden)
+        expected = reference_block_output(adapter, block, hidden, 0.8, False)
+    torch.testing.assert_close(ours[0] if isinstance(ours, tuple) else ours, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_alpha_zero_and_disable_change_nothing() -> None:
     model, _ = build("mixtral")
     ids = calib_ids(2, 12, seed=4)
@@ -124,3 +196,40 @@ def test_packed_runtime_pesf_matches_in_memory(name: str, tmp_path: Path) -> Non
     torch.testing.assert_close(via_kwarg, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(via_config, reference, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, reference)
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory) -> Path:
+    model, q = quantize("mixtral", bits=2)
+    return export(model, q, tmp_path_factory.mktemp("pesf-options") / "out")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("pesf_alhpa", 0.7, "unknown PESF option pesf_alhpa; the valid ones are pesf_alpha, pesf_renormalize"),
+    ("pesf_alpha", "abc", "pesf_alpha must be a number >= 0"),
+    ("pesf_alpha", -0.3, "pesf_alpha must be a number >= 0"),
+    ("pesf_alpha", float("nan"), "pesf_alpha must be a number >= 0"),
+    ("pesf_renormalize", "maybe", "pesf_renormalize must be true or false"),
+])
+def test_bad_pesf_options_are_refused(small_export: Path, option: str, value, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load(small_export, **{option: value})
+
+
+def test_lm_eval_model_args_typo_is_refused(small_export: Path) -> None:
+    """The way a user meets it: lm_eval --model hf --model_args ...,pesf_alhpa=0.7."""
+    from lm_eval.models.huggingface import HFLM
+
+    from eacmoe.assets import TOKENIZER_DIR
+
+    args = f"pretrained={small_export},tokenizer={TOKENIZER_DIR},trust_remote_code=True,dtype=float32,pesf_alhpa=0.7"
+    with pytest.raises(ValueError, match="unknown PESF option pesf_alhpa"):
+        HFLM.create_from_arg_string(args, {"batch_size": 1, "device": "cpu"})
+    model = HFLM.create_from_arg_string(args.replace("alhpa", "alpha"), {"batch_size": 1, "device": "cpu"}).model
+    assert model.pesf_stats  # the correctly spelled option turns PESF on
+
+
+def test_string_options_as_lm_eval_passes_them(small_export: Path) -> None:
+    model = load(small_export, pesf_alpha="0.5", pesf_renormalize="True")
+    assert model.pesf_stats
+    assert not hasattr(load(small_export, pesf_alpha=0, pesf_renormalize="false"), "pesf_stats")

@@ -3,6 +3,7 @@ transformers models of every family, the KV-cache closed form against a real cac
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def test_planner_on_a_local_checkpoint_directory(tmp_path):
     config = SPECS["deepseek_v2"].make_config()
     config.save_pretrained(tmp_path)
     loaded, source = load_config(str(tmp_path))
-    plan = plan_memory(loaded, parse_bits_plan("2", None, 32, loaded.num_hidden_layers))
+    plan = plan_memory(loaded, parse_bits_plan("2", None, 16, loaded.num_hidden_layers))
     assert source.startswith("directory") and plan.parameters == get_adapter(config).count_parameters(config)
     assert set(plan.components) >= {"dense_mlp", "shared_experts", "routed_experts", "attention"}
 
@@ -251,6 +252,55 @@ def test_unsupported_family_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     assert main(["--model", str(tmp_path)]) == 2
     _one_error_line(capsys.readouterr().err, "not supported")
+
+
+def _mixtral_config_file(tmp_path, **changes) -> str:
+    fields = json.loads((REPO / "eacmoe" / "assets" / "configs" / "mixtral-8x7b.json").read_text())
+    fields.update(changes)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"hidden_size": -4096}, "every size must be positive"),
+    ({"intermediate_size": 0}, "every size must be positive"),
+    ({"vocab_size": -1}, "every size must be positive"),
+    ({"num_local_experts": 0}, "0 routed experts"),
+    ({"num_experts_per_tok": 9}, "9 of 8 experts"),
+    ({"num_experts_per_tok": 0}, "0 of 8 experts"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"model_type": "foobar"}, "unknown model_type 'foobar'"),
+])
+def test_a_config_that_describes_no_model_is_refused(tmp_path, capsys, changes, needle):
+    assert main(["--model", _mixtral_config_file(tmp_path, **changes)]) == 2
+    captured = capsys.readouterr()
+    _one_error_line(captured.err, needle)
+    assert len(captured.err) < 400 and "FITS" not in captured.out  # the unknown type was a ~10 KB line
+
+
+def test_the_bundled_models_of_quantize_are_known(capsys):
+    from safetensors import safe_open
+
+    from eacmoe.assets import BUNDLED_MODELS, bundled_model_path
+
+    for name in BUNDLED_MODELS:
+        with safe_open(str(bundled_model_path(name) / "model.safetensors"), "pt") as f:
+            stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        assert main(["--model", name, "--group-size", "64", "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["parameters"] == stored and plan["source"] == f"bundled model {name}"
+
+
+def test_group_size_is_refused_exactly_as_quantize_refuses_it(tmp_path, capsys):
+    from eacmoe.quantize import main as quantize_main
+
+    assert main(["--model", "tiny-mixtral", "--group-size", "7"]) == 2
+    planned = capsys.readouterr().err
+    _one_error_line(planned, "--group-size 7 does not divide")
+    assert quantize_main(["--model", "tiny-mixtral", "--group-size", "7", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == planned.strip()
+    assert main(["--model", "tiny-mixtral", "--group-size", "64"]) == 0  # a divisor of 256 passes both
 
 
 def test_table_output_names_the_overheads(capsys):

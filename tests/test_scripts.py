@@ -10,8 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+def _load_script(name: str, folder: str = "scripts"):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -41,6 +41,9 @@ def test_pesf_sweep_writes_report_and_skips_more_with_larger_alpha(tmp_path):
         assert 0.0 <= low["skipped_slots"] < high["skipped_slots"] < 1.0  # a larger threshold skips more
         assert high["kl"] > 0.0
     assert (tmp_path / "pesf_sweep.png").stat().st_size > 0 and "| 0.3 | drop |" in (tmp_path / "PESF.md").read_text()
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]  # the default thread count, stated
+    assert meta["threads"] == 1 and meta["command"].endswith("--threads 1")
+    assert f"`{meta['command']}`" in (tmp_path / "PESF.md").read_text()
 
 
 def test_deploy_demo_runs_on_cpu_and_prints_the_mixtral_plan(packed_checkpoint, tmp_path, capsys):
@@ -51,6 +54,7 @@ def test_deploy_demo_runs_on_cpu_and_prints_the_mixtral_plan(packed_checkpoint, 
     printed = capsys.readouterr().out
     assert "PESF skipped" in printed and "mixtral" in printed.lower()
     payload = json.loads(result_path.read_text())
+    assert payload["threads"] == 1 and payload["command"].endswith("--threads 1") and payload["command"] in printed
     assert set(payload["results"]) == {"without PESF", "PESF alpha=0.3"}
     for r in payload["results"].values():
         assert r["prefill_tokens_per_second"] > 0 and r["decode_tokens_per_second"] > 0 and r["prompt_perplexity"] > 1
@@ -60,8 +64,9 @@ def test_runtime_benchmark_compares_three_variants(packed_checkpoint, tmp_path):
     bench = _load_script("benchmark_runtime")
     out = tmp_path / "BENCHMARKS.md"
     assert bench.main(["--checkpoint", str(packed_checkpoint), "--batch", "1", "--prompt-len", "32", "--decode-tokens", "2",
-                       "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+                       "--repeats", "1", "--out", str(out)]) == 0
     table = out.read_text()
+    assert "--threads 1` on " in table and "(1 torch thread(s))" in table  # what the workers ran with, stated
     for variant in ("fp", "packed", "packed+pesf"):
         assert f"| {variant} |" in table, table
 
@@ -88,6 +93,13 @@ def test_qesc_experiments_pairs_methods_and_resumes(tmp_path):
     experiments.main(argv)  # a rerun finds every row done and adds none
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
     assert (tmp_path / "commands.txt").read_text().startswith("python scripts/qesc_experiments.py --models tiny-mixtral")
+    # every row records its thread count, the command states it, and rows of another count are never mixed in
+    assert {r["threads"] for r in rows} == {1} and "Torch CPU threads of the rows: 1." in report
+    assert (tmp_path / "commands.txt").read_text().splitlines()[0].endswith("--threads 1")
+    commands = (tmp_path / "commands.txt").read_text()
+    with pytest.raises(SystemExit, match="torch thread"):
+        experiments.main(argv + ["--threads", "2"])
+    assert (tmp_path / "commands.txt").read_text() == commands
     # every row names the weights it was measured on; rows of other weights (a retrained model) are never resumed
     assert len({r["checkpoint"] for r in rows}) == 1
     stale = [{**r, "checkpoint": "0123456789abcdef"} if r["key"]["method"] == "fp" else r for r in rows]
@@ -117,6 +129,7 @@ def test_router_sweep_compares_adam_and_ridge(tmp_path):
     sweep.main(["--nsamples", "4", "--seqlen", "64", "--lrs", "1e-3", "--steps", "5", "--out", str(out)])
     table = out.read_text()
     assert "| default | adam | auto | 0.001 | 5 |" in table and "| default | ridge | statistics | – | – |" in table
+    assert "--threads 1`" in table and "1 torch CPU thread(s)" in table
 
 
 def test_qesc_report_keeps_one_row_per_key_in_table_order(tmp_path):
@@ -162,7 +175,7 @@ def test_training_schedule_of_a_continuation_starts_at_its_own_step():
 
 def test_refresh_figures_runs_existing_scripts_with_flags_they_accept(tmp_path):
     """PRINT=1 lists every command without running it; each names a script of this repo and only flags that
-    script defines (a renamed flag would otherwise surface hours into a refresh)."""
+    script defines (a renamed flag would otherwise surface hours into a refresh), and states its thread count."""
     import os
     import re
     import subprocess
@@ -180,7 +193,78 @@ def test_refresh_figures_runs_existing_scripts_with_flags_they_accept(tmp_path):
         assert source.exists(), cmd
         text = source.read_text()
         for flag in (c for c in cmd if c.startswith("--")):
-            assert re.search(rf"[\"']{flag}[\"']", text), (flag, source)
+            assert re.search(rf"[\"']{flag}[\"']", text) or (flag == "--threads" and "add_threads_argument(" in text), \
+                (flag, source)
+        assert "--threads" in cmd and cmd[cmd.index("--threads") + 1] == "1", cmd
         stages_seen.add(source.name)
     assert {"model_card.py", "run_suite.py", "quantize.py", "pesf_sweep.py", "router_sweep.py",
             "benchmark_runtime.py", "deploy_24gb.py", "qesc_experiments.py"} <= stages_seen
+
+
+# ---- reproducible figures: every figure script sets its torch thread count from --threads and records it
+
+FIGURE_SCRIPTS = ["scripts/benchmark_runtime.py", "scripts/deploy_24gb.py", "scripts/measure_memory.py",
+                  "scripts/model_card.py", "scripts/pesf_sweep.py", "scripts/qesc_experiments.py",
+                  "scripts/router_sweep.py", "eval/run_suite.py"]
+NOT_FIGURE_SCRIPTS = {
+    "scripts/train_tiny_moe.py": "training; its own --threads is recorded in training_log.json and the model card",
+    "scripts/train_tokenizer.py": "tokenizer training, no torch",
+    "scripts/mutation_check.py": "runs the test suite on seeded bugs",
+    "eval/build_tasks.py": "writes the task files",
+    "eval/unigram_baseline.py": "counting in numpy, no thread-dependent arithmetic; its row comes from run_suite.py",
+}
+
+
+def test_every_script_is_classified_as_figure_or_not():
+    """A new script in scripts/ or eval/ must be listed: as a figure script it gets the --threads checks below."""
+    found = {str(p.relative_to(REPO)) for folder in ("scripts", "eval") for p in (REPO / folder).glob("*.py")}
+    assert found - set(FIGURE_SCRIPTS) - set(NOT_FIGURE_SCRIPTS) == set()
+
+
+@pytest.mark.parametrize("script", FIGURE_SCRIPTS)
+def test_every_figure_script_takes_threads(script, capsys):
+    """`--threads` is the shared flag (eacmoe.threads): parsed and checked before any work."""
+    folder, name = script[:-3].split("/")
+    module = _load_script(name, folder)
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--threads", "0"])
+    assert exited.value.code == 2
+    assert "argument --threads: must be at least 1" in capsys.readouterr().err
+
+
+def test_set_threads_reaches_torch_and_child_processes(monkeypatch):
+    import os
+    import subprocess
+
+    import torch
+
+    from eacmoe.threads import command_line, set_threads, with_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored afterwards, like the count below
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(2) == 2 == torch.get_num_threads()
+        child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True, env=dict(os.environ))
+        assert child.stdout.strip() == "2"  # an lm_eval or worker subprocess computes with the same count
+        assert set_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert with_threads(["--out", "x"], 1) == ["--out", "x", "--threads", "1"]
+    assert with_threads(["--threads", "3", "--out", "x"], 1) == ["--threads", "3", "--out", "x"]
+    assert with_threads(["--threads=3"], 1) == ["--threads=3"]
+    assert command_line("python scripts/x.py", ["--out", "a b"], 1) == "python scripts/x.py --out 'a b' --threads 1"
+
+
+def test_run_suite_states_its_command_and_threads(tmp_path, monkeypatch):
+    run_suite = _load_script("run_suite", "eval")
+    results = {"results": {"eacmoe_cloze": {"acc,none": 0.25, "acc_stderr,none": 0.01}}}
+    monkeypatch.setattr(run_suite, "evaluate_model_dir", lambda *a, **k: results)
+    out, json_out = tmp_path / "baseline.md", tmp_path / "baseline.json"
+    run_suite.main(["--models", "tiny-mixtral", "--tasks", "eacmoe_cloze", "--out", str(out),
+                    "--json-out", str(json_out)])
+    command = ("python eval/run_suite.py --models tiny-mixtral --tasks eacmoe_cloze "
+               f"--out {out} --json-out {json_out} --threads 1")
+    assert f"Produced by `{command}` (1 torch CPU thread(s))." in out.read_text()
+    payload = json.loads(json_out.read_text())
+    assert payload["threads"] == 1 and payload["command"] == command

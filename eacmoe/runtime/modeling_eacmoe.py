@@ -3,12 +3,16 @@
     model = AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)
     lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True,dtype=float32 ...
 
-config.json has ``model_type: "eacmoe"``, so loading without ``trust_remote_code`` stops with transformers' own
-"contains custom code ... pass trust_remote_code=True" error instead of silently building the architecture with
-randomly initialised experts. With it, :meth:`EacmoeForCausalLM.from_pretrained`:
+config.json is the original model's config (its family's ``model_type``, e.g. "mixtral") plus eacmoe's sections
+(``auto_map``, the ``eacmoe`` marker, ``quantization``, ``quantized_modules``, ``pesf``). Without
+``trust_remote_code`` transformers takes the family's own classes, with no prompt: the tokenizer loads, and the
+model class (``AutoModelForCausalLM`` or ``MixtralForCausalLM``) stops before building anything, on
+``transformers_weights`` and on weight files under eacmoe's names (see ``eacmoe.export``), instead of silently
+building the architecture with randomly initialised experts. With it, ``auto_map`` leads to these classes and
+:meth:`EacmoeForCausalLM.from_pretrained`:
 
 1. verifies every weight file against ``eacmoe_manifest.json`` (size and SHA-256);
-2. builds the original architecture (``base_config``) with empty parameters;
+2. builds the original architecture (config.json minus eacmoe's sections) with empty parameters;
 3. puts a :class:`PackedLinear` / :class:`PackedExperts` at every path listed in ``quantized_modules``;
 4. loads all tensors strictly (a missing or unexpected tensor is an error, never a random init);
 5. optionally hooks PESF into every MoE block (the ``pesf`` section: ``enabled``, ``alpha``, ``renormalize``).
@@ -19,6 +23,7 @@ It returns the original transformers model class (e.g. ``MixtralForCausalLM``) h
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -36,30 +41,57 @@ except ImportError:  # the installed eacmoe package
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EacmoeConfig", "EacmoeForCausalLM", "build_packed_model"]
+__all__ = ["PESF_KWARGS", "EacmoeConfig", "EacmoeForCausalLM", "build_packed_model"]
+
+PESF_KWARGS = ("pesf_alpha", "pesf_renormalize")  # the loader's PESF options (e.g. lm_eval --model_args)
+REFUSAL_KEY = "transformers_weights"  # a refusal for transformers' own model classes (see eacmoe.export)
+# config.json's own sections (eacmoe.export writes them); all the rest of it is the original model's config
+PACKED_SECTIONS = ("architectures", "auto_map", "eacmoe", "quantization", "quantized_modules", "pesf", REFUSAL_KEY)
 
 
 class EacmoeConfig(PretrainedConfig):
     """config.json of an export: the original model's config plus what eacmoe did to it.
 
     Attributes:
-        base_config: the original transformers config as a dict (with its ``model_type``).
+        base_config: the original transformers config as a dict (with its ``model_type`` and ``architectures``).
+        eacmoe: the marker ``{"format": "packed", "version", "architectures"}`` (empty in exports made before it).
         quantization: method, bits schedule, grid settings, average bits, calibration and router-calibration
             settings (metadata; the tensors themselves say how they are packed).
         quantized_modules: ``{module path: spec}``; spec ``kind`` is "linear" (in/out features, bias) or
             "experts" (num_experts, hidden and intermediate size), both with bits / group_size / sym.
         pesf: ``{"enabled", "alpha", "renormalize"}``: prefill expert skipping applied on load.
+
+    Its other attributes are the original config's, ``model_type`` included (the class's own stays "eacmoe"), so
+    code that reads the config (lm_eval's backend choice, AutoTokenizer) sees the family, as without remote code.
     """
 
     model_type = "eacmoe"
 
     def __init__(self, base_config: dict | None = None, quantization: dict | None = None,
-                 quantized_modules: dict | None = None, pesf: dict | None = None, **kwargs):
-        self.base_config = base_config or {}
+                 quantized_modules: dict | None = None, pesf: dict | None = None, eacmoe: dict | None = None,
+                 **kwargs):
+        kwargs.pop(REFUSAL_KEY, None)  # meant for transformers' own model classes
+        if base_config is None:  # the original config at the top level
+            # with the loader's overrides that transformers merges in (dtype, attn_implementation, ...), as for the
+            # original model; but not where it was loaded from (name_or_path: set on the model by the loader)
+            base_config = {k: v for k, v in kwargs.items() if k not in PACKED_SECTIONS and k != "name_or_path"}
+            if eacmoe and eacmoe.get("architectures"):
+                base_config["architectures"] = eacmoe["architectures"]
+        else:  # an export made before the eacmoe marker: model_type "eacmoe", the original config nested
+            base_config = {k: v for k, v in base_config.items() if k != REFUSAL_KEY}
+        self.base_config = base_config
+        self.eacmoe = eacmoe or {}
         self.quantization = quantization or {}
         self.quantized_modules = quantized_modules or {}
         self.pesf = pesf or {"enabled": False, "alpha": 0.3, "renormalize": False}
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """PretrainedConfig's, without its warning that config.json's model_type (the family's) is not the class's
+        "eacmoe": in this layout it never is."""
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(config_dict, **kwargs)
 
 
 def _packed_module(spec: dict, original: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -86,11 +118,12 @@ def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None
                        pesf_renormalize: bool | None = None) -> torch.nn.Module:
     """Load an exported checkpoint directory as the original model class with packed modules.
 
-    ``pesf_alpha`` / ``pesf_renormalize`` override config.json's ``pesf`` section (alpha 0 or less: PESF off).
+    ``pesf_alpha`` / ``pesf_renormalize`` override config.json's ``pesf`` section (alpha 0: PESF off).
     """
     directory = Path(directory)
-    weight_files = [f for f in verify_manifest(directory) if f.endswith(".safetensors")]
     config = config or EacmoeConfig.from_pretrained(directory)
+    pesf = _pesf_config(config.pesf, pesf_alpha, pesf_renormalize)  # bad settings fail before any weight is read
+    weight_files = [f for f in verify_manifest(directory) if f.endswith(".safetensors")]
     base_config = AutoConfig.for_model(**config.base_config)
     dtype = _resolve_dtype(dtype, base_config)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE) computed for real
@@ -124,14 +157,45 @@ def build_packed_model(directory: str | Path, config: EacmoeConfig | None = None
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.config.name_or_path = str(directory)
     model.eacmoe_config = config
-    pesf = dict(config.pesf)
-    if pesf_alpha is not None:
-        pesf.update(enabled=float(pesf_alpha) > 0, alpha=float(pesf_alpha))
-    if pesf_renormalize is not None:
-        pesf["renormalize"] = bool(pesf_renormalize)
-    if pesf.get("enabled"):
-        enable_pesf(model, PESFConfig(alpha=float(pesf["alpha"]), renormalize=bool(pesf.get("renormalize", False))))
+    if pesf is not None:
+        enable_pesf(model, pesf)
     return model.to(device) if device is not None else model  # moves what was built on the host (RoPE buffers)
+
+
+def _pesf_config(section: dict, pesf_alpha, pesf_renormalize) -> PESFConfig | None:
+    """The PESF to run (None: off): config.json's ``pesf`` section, overridden by the loader arguments."""
+    enabled = _pesf_flag(section.get("enabled", False), "config.json pesf.enabled")
+    alpha = _pesf_alpha(section.get("alpha", 0.3), "config.json pesf.alpha")
+    renormalize = _pesf_flag(section.get("renormalize", False), "config.json pesf.renormalize")
+    if pesf_alpha is not None:
+        alpha = _pesf_alpha(pesf_alpha, "pesf_alpha")
+        enabled = alpha > 0
+    if pesf_renormalize is not None:
+        renormalize = _pesf_flag(pesf_renormalize, "pesf_renormalize")
+    return PESFConfig(alpha=alpha, renormalize=renormalize) if enabled else None
+
+
+def _pesf_alpha(value, name: str) -> float:
+    """A PESF threshold from a loader argument or config.json (lm_eval passes numbers, or strings it could not
+    parse): a finite number >= 0, anything else is an error."""
+    try:
+        alpha = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"{name} must be a number >= 0 (0: PESF off), got {value!r}")
+    return alpha
+
+
+def _pesf_flag(value, name: str) -> bool:
+    """A PESF on/off setting: a bool, 0 / 1, or the strings true / false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _tied_keys(model: torch.nn.Module) -> set[str]:
@@ -154,7 +218,12 @@ class EacmoeForCausalLM:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
                         device_map=None, pesf_alpha=None, pesf_renormalize=None, **kwargs):
-        """Also takes ``pesf_alpha`` / ``pesf_renormalize`` (e.g. lm_eval ``--model_args ...,pesf_alpha=0.3``)."""
+        """Also takes ``pesf_alpha`` / ``pesf_renormalize`` (e.g. lm_eval ``--model_args ...,pesf_alpha=0.3``);
+        any other ``pesf_*`` argument is an error (a typo must not silently run without PESF)."""
+        unknown_pesf = sorted(k for k in kwargs if k.startswith("pesf_"))
+        if unknown_pesf:
+            raise ValueError(f"unknown PESF option {', '.join(unknown_pesf)}; "
+                             f"the valid ones are {', '.join(PESF_KWARGS)}")
         directory = Path(pretrained_model_name_or_path)
         if not directory.is_dir():  # a hub repository: fetch it whole (weights, code, manifest)
             from huggingface_hub import snapshot_download

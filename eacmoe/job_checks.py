@@ -1,0 +1,224 @@
+"""The checks of a quantization job's inputs, made before a weight is read or anything is written.
+
+`check_job` looks at the flags alone (counts, choices, the model and output paths) and warns about flags the
+chosen mode ignores; `check_job_for_model` compares them with the architecture, from a skeleton on the meta
+device (bits per layer, group size, router K, sequence lengths). A problem is a `JobError` whose message is one
+line for the user.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import output_dir
+from .adapters import get_adapter
+from .assets import BUNDLED_MODELS, resolve_model
+from .export import EXPORT_FORMATS, is_packed_export
+from .lazy_loading import build_skeleton
+from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
+from .schedule import ALLOWED_BITS, BitsError, check_group_size, parse_expert_bits
+
+log = logging.getLogger(__name__)
+
+ROUTER_SOLVERS = ("adam", "ridge")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROUTER_FLAGS = ("router_topk", "router_steps", "router_lr", "router_solver")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class JobError(ValueError):
+    """A bad input to the quantization job; the message is meant for the user, one line."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    out: Path        # the finished output directory
+    partial: Path    # where the run writes until it is complete (and keeps its progress for --resume)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# -- the flags alone ---------------------------------------------------------------------------------------
+def check_job(job) -> JobPaths:
+    """Every check of `job` (a `workflow.QuantizeJob`) that needs no model; returns where the output goes."""
+    _check_numbers(job)
+    _check_choices(job)
+    parse_device(job.device)
+    check_model_source(job.model)
+    paths = check_output(job)
+    for warning in ineffective_flags(job):
+        log.warning("%s", warning)
+    return paths
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(job) -> None:
+    at_least = {"nsamples": 1, "seqlen": 2, "eval_samples": 1, "eval_seqlen": 2, "router_steps": 1,
+                "router_topk": 1, "threads": 1}
+    optional = {"seqlen", "eval_seqlen", "router_topk", "threads"}  # None: chosen from the model or torch
+    for name, low in at_least.items():
+        value = getattr(job, name)
+        if value is None and name in optional:
+            continue
+        if not _is_int(value) or value < low:
+            raise JobError(f"{flag(name)} must be a whole number >= {low} (got {value!r})")
+    lr = job.router_lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise JobError(f"--router-lr must be a positive number (got {lr!r})")
+    if job.attn_bits is not None and job.attn_bits not in ALLOWED_BITS:
+        raise JobError(f"--attn-bits must be one of {', '.join(map(str, ALLOWED_BITS))} or 16 (got {job.attn_bits})")
+    try:
+        check_group_size(job.group_size, ())
+    except BitsError as exc:
+        raise JobError(str(exc)) from exc
+    if not _is_int(job.seed):
+        raise JobError(f"--seed must be a whole number (got {job.seed!r})")
+
+
+def _check_choices(job) -> None:
+    choices = {"method": METHODS, "format": EXPORT_FORMATS, "router_solver": ROUTER_SOLVERS,
+               "sparse_expert_policy": SPARSE_EXPERT_POLICIES, "dtype": tuple(DTYPES)}
+    for name, allowed in choices.items():
+        if getattr(job, name) not in allowed:
+            raise JobError(f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(job, name)!r})")
+
+
+def parse_device(name: str) -> torch.device:
+    """auto (CUDA when there is a GPU), cpu, cuda or cuda:N, refused unless it exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise JobError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise JobError(f"--device {name} asked for but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise JobError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_model_source(name: str) -> None:
+    """A bundled model, an existing model directory or something shaped like a hub id (owner/name)."""
+    if name in BUNDLED_MODELS:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise JobError(f"--model {name} is a file; give the directory that holds the model's config.json")
+        if not (path / "config.json").is_file():
+            raise JobError(f"--model {name}: the directory holds no config.json (not a Hugging Face model directory)")
+        if is_packed_export(path):
+            raise JobError(f"--model {name} is an eacmoe packed export, already quantized; give the original model")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise JobError(f"--model {name}: no such directory")
+    if not _HUB_ID.fullmatch(name):
+        raise JobError(f"--model {name}: not a bundled model ({', '.join(BUNDLED_MODELS)}), an existing directory "
+                       "or a hub id (owner/name)")
+
+
+def default_out(job) -> Path:
+    return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{job.bits}"
+
+
+def check_output(job) -> JobPaths:
+    """`--out` must be a new directory, or with --overwrite one that eacmoe wrote; `<out>.partial` likewise."""
+    out = Path(job.out).expanduser() if job.out else default_out(job)
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if out.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
+        raise JobError(f"--out {job.out} is the current directory or one above it; name a new directory")
+    partial = output_dir.partial_dir(out)
+    for path in (out, partial):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise JobError(f"{path} exists and is not a directory; remove it or choose another --out")
+    if out.exists():
+        if not job.overwrite:
+            raise JobError(f"output directory {out} already exists; pass --overwrite to replace it")
+        if not output_dir.is_marked(out):
+            raise JobError(f"--overwrite refuses to delete {out}: eacmoe did not write it (no "
+                           f"{output_dir.MARKER_NAME} in it); remove it yourself or choose another --out")
+    if partial.exists() and not output_dir.is_marked(partial):
+        raise JobError(f"{partial} exists but eacmoe did not write it (no {output_dir.MARKER_NAME} in it); "
+                       "remove it yourself or choose another --out")
+    model = Path(resolve_model(job.model)).expanduser()
+    if model.is_dir() and (model.resolve() == resolved or resolved in model.resolve().parents):
+        raise JobError(f"--out {out} would replace the model being quantized ({job.model})")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise JobError(f"cannot write to {out}: {parent} is not a writable directory")
+    return JobPaths(out, partial)
+
+
+def ineffective_flags(job) -> list[str]:
+    """Flags set to something other than their default that the chosen method or solver ignores, with why."""
+    ignored: dict[str, str] = {}
+    if job.method in ("rtn", "gptq"):
+        ignored.update(dict.fromkeys(ROUTER_FLAGS, f"--method {job.method} leaves the routers as they are"))
+    elif job.method == "qesc-mse":
+        ignored["router_topk"] = "--method qesc-mse fits the router logits of all experts (plain MSE)"
+    if job.method in ("qesc", "qesc-mse") and job.router_solver == "ridge":
+        ignored.update(dict.fromkeys(("router_steps", "router_lr"),
+                                     "--router-solver ridge solves for the router exactly, without steps"))
+    if job.method == "rtn":
+        ignored.update(dict.fromkeys(("calib", "nsamples", "seqlen", "seed"), "--method rtn uses no calibration data"))
+        ignored["act_order"] = "--method rtn has no Hessian to order columns by"
+        ignored["sparse_expert_policy"] = "--method rtn quantizes every expert the same way"
+    defaults = {f.name: f.default for f in fields(job)}
+    return [f"{flag(name)} has no effect: {why}" for name, why in ignored.items()
+            if getattr(job, name) != defaults[name]]
+
+
+# -- the flags against the model ---------------------------------------------------------------------------
+def quantized_input_widths(model: nn.Module, attention: bool) -> set[int]:
+    """Input widths of every Linear the job quantizes: experts, shared experts, dense MLPs, attention if asked."""
+    adapter = get_adapter(model)
+    widths: set[int] = set()
+    for layer in adapter.decoder_layers(model):
+        groups = adapter.dense_mlp_linears(layer) + (adapter.attention_linears(layer) if attention else [])
+        block = adapter.moe_block(layer)
+        if block is not None:
+            widths.update(w.shape[1] for w in adapter.expert_weights(block, 0).values())
+            groups += adapter.shared_experts(block)
+        for group in groups:
+            widths.update(linear.in_features for _, linear in group)
+    return widths
+
+
+def check_group_size_for_model(model: nn.Module, group_size: int, attention: bool = True) -> None:
+    """`--group-size` against the model (may be a meta skeleton); raises BitsError."""
+    check_group_size(group_size, quantized_input_widths(model, attention))
+
+
+def check_job_for_model(job, config) -> list[int]:
+    """The flags against the architecture of `config` (a skeleton on the meta device, nothing read); returns
+    the experts' bit width per decoder layer."""
+    skeleton = build_skeleton(config, torch.float32)
+    adapter = get_adapter(skeleton)
+    layers = adapter.decoder_layers(skeleton)
+    expert_bits = parse_expert_bits(job.bits, len(layers))
+    check_group_size_for_model(skeleton, job.group_size, attention=job.attn_bits is not None)
+    if job.method == "qesc" and job.router_topk is not None:
+        experts = min(adapter.num_experts(block) for block in map(adapter.moe_block, layers) if block is not None)
+        if job.router_topk > experts:
+            raise JobError(f"--router-topk {job.router_topk} is more than the {experts} experts of this model")
+    context = getattr(config, "max_position_embeddings", None)
+    lengths = {"eval_seqlen": job.eval_seqlen, **({} if job.method == "rtn" else {"seqlen": job.seqlen})}
+    for name, value in lengths.items():
+        if context and value is not None and value > context:
+            raise JobError(f"{flag(name)} {value} is longer than the model's context of {context} tokens")
+    return expert_bits

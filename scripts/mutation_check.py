@@ -1,0 +1,389 @@
+"""Mutation check: seed one plausible bug at a time into a private copy of the project and run the tests that
+should catch it. Prints a markdown table (the last full run is in docs/MUTATIONS.md).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py                  # every mutant (~15 min, 1 core)
+    .venv/bin/python scripts/mutation_check.py --list                             # ids, files, tests; runs nothing
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py --only P1 E1     # ids, or file name fragments
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py --out docs/MUTATIONS-table.md
+
+The working tree is never written to: the project (COPIED below) is copied once to a temporary directory; for each
+mutant one exact snippet of one file is replaced there (it must occur exactly once, else the mutant is reported
+"stale": the code moved on and the mutant needs updating), the mutant's tests run in the copy (`pytest -x -q`,
+PYTHONPATH = the copy, so `import eacmoe` is the mutated one; checked before the run), and the file is restored.
+
+Adding mutants: append `Mutant(id, file, old, new, description, tests)` to MUTANTS (or to a list you add to it);
+`tests` are pytest arguments (files or node ids), the narrowest set that should catch the bug. A mutant known
+to survive gets a `survivor` note saying why it is harmless (equivalent, or not observable); the run reports any
+unexpected survivor or unexpected kill.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("eacmoe", "tests", "eval", "calibration", "scripts", "pyproject.toml")
+
+PIPELINE_TESTS = ("tests/test_pipeline.py",)
+ROUTER_TESTS = ("tests/test_router_calibration.py", "tests/test_pipeline.py")
+SHIFT_TESTS = ("tests/test_expert_shift.py",)
+PACKING_TESTS = ("tests/test_packing.py", "tests/test_export.py::test_generate_after_load")
+GPTQ_TESTS = ("tests/test_gptq.py",)
+GRID_TESTS = ("tests/test_grid.py", "tests/test_gptq.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str            # relative to the project root
+    old: str             # exact snippet, must occur exactly once in the file
+    new: str
+    description: str
+    tests: tuple[str, ...]
+    survivor: str = ""   # why it is harmless, for a mutant known to survive
+
+
+P, R, E, K, G, Q = "eacmoe/pipeline.py", "eacmoe/router_calibration.py", "eacmoe/expert_shift.py", \
+    "eacmoe/quant/packing.py", "eacmoe/quant/gptq.py", "eacmoe/quant/grid.py"
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ pipeline (QESC order, routing, Hessians)
+    Mutant("P1", P, "routing = adapter.route(block, expert_input)\n",
+           "routing = adapter.route(block, expert_input)\n"
+           "                    routing.indices = routing.indices[torch.randperm(routing.indices.shape[0])]\n",
+           "issue #11 bug (a): experts quantized on a random token-to-expert assignment", PIPELINE_TESTS),
+    Mutant("P2", P, "router_weight.data.copy_(result.weight)", "pass",
+           "issue #11 bug (b): the calibrated router weight thrown away (FP router kept)", PIPELINE_TESTS),
+    Mutant("P3", P, "routing = adapter.route(block, expert_input)\n",
+           "routing = adapter.route(block, expert_input, router_weight=None if fp_layer is None else\n"
+           "                                            adapter.router_weight(adapter.moe_block(fp_layer)))\n",
+           "experts routed by the FP router while the calibrated one is kept", PIPELINE_TESTS),
+    Mutant("P4", P, "adapter.router_input(block, router_input_fp), adapter.router_input(block, expert_input)",
+           "adapter.router_input(block, expert_input), adapter.router_input(block, router_input_fp)",
+           "FP and quantized streams swapped in the router calibration", PIPELINE_TESTS),
+    Mutant("P5", P, "expert_input = capture_module_input(layer, block, q_stream,",
+           "expert_input = capture_module_input(layer, block, q_stream if fp_stream is None else fp_stream,",
+           "experts (and the router input) taken from the FP stream instead of the quantized one", PIPELINE_TESTS),
+    Mutant("P6", P, "token_index = (routing.indices == e).any(dim=-1)",
+           "token_index = (routing.indices[:, :1] == e).any(dim=-1)",
+           "an expert gets only the tokens that chose it first (top-1), not all of its top-k tokens", PIPELINE_TESTS),
+    Mutant("P7", P, "token_index = (routing.indices == e).any(dim=-1)",
+           "token_index = (routing.indices == (e + 1) % num_experts).any(dim=-1)",
+           "off by one expert: expert e quantized on expert e+1's tokens", PIPELINE_TESTS),
+    Mutant("P8", P, "if not use_rtn and token_index.numel() < min_tokens:",
+           "if not use_rtn and token_index.numel() <= min_tokens:",
+           "sparse-expert threshold off by one (< becomes <=)", PIPELINE_TESTS),
+    Mutant("P9", P, "                    token_index = None\n", "                    pass\n",
+           "pool policy keeps the sparse expert's own few tokens", PIPELINE_TESTS),
+    Mutant("P10", P, "                    use_rtn = True\n", "                    use_rtn = False\n",
+           "rtn policy ignored (sparse experts quantized by GPTQ on their few tokens)", PIPELINE_TESTS),
+    Mutant("P11", P, "act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
+           "act(x.to(gate_q.dtype) @ weights[\"gate_proj\"].T) * (x.to(up_q.dtype) @ weights[\"up_proj\"].T)",
+           "down_proj Hessian from the FP gate/up instead of the quantized ones", PIPELINE_TESTS),
+    Mutant("P12", P, "act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
+           "(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
+           "activation dropped from the down_proj input", PIPELINE_TESTS),
+    Mutant("P13", P, "weights[\"down_proj\"], bits, down_solver, report)", "weights[\"down_proj\"], bits, None, report)",
+           "down_proj quantized with RTN (its Hessian dropped)", PIPELINE_TESTS),
+    Mutant("P14", P, "up_q = self._quantize_matrix(names[\"up_proj\"], weights[\"up_proj\"], bits, solver, report)",
+           "up_q = self._quantize_matrix(names[\"up_proj\"], weights[\"up_proj\"], bits, None, report)",
+           "up_proj quantized with RTN", PIPELINE_TESTS),
+    Mutant("P15", P, "adapter.attention_linears(layer), cfg.attn_bits, run_stream, report)",
+           "adapter.attention_linears(layer), cfg.expert_bits[index], run_stream, report)",
+           "attention quantized at the expert bit width", PIPELINE_TESTS),
+    Mutant("P16", P, "q_stream = run_layer(layer, q_stream,", "q_stream = run_layer(fp_layer or layer, q_stream,",
+           "quantized stream advanced through the FP copy of the layer", PIPELINE_TESTS),
+    Mutant("P17", P, "fp_stream = run_layer(fp_layer, fp_stream,", "fp_stream = run_layer(layer, fp_stream,",
+           "FP stream advanced through the quantized layer", PIPELINE_TESTS),
+    Mutant("P18", P, "fp_layer = copy.deepcopy(layer) if needs_fp else None", "fp_layer = layer if needs_fp else None",
+           "FP layer not copied (it is quantized along with the layer)", PIPELINE_TESTS),
+    Mutant("P19", P, "solvers[name].add_batch(args[0].detach())", "solvers[name].add_batch(args[0][:1].detach())",
+           "attention Hessians from the first sequence of each batch only", PIPELINE_TESTS),
+    Mutant("P20", P, "                fired.clear()\n", "",
+           "group pass stops after the first Linear once every Linear fired (fired set never reset)", PIPELINE_TESTS),
+    Mutant("P21", P, "adapter.shared_output(block, expert_input[start:start + cfg.batch_size * 512])",
+           "adapter.shared_output(block, expert_input[start:start + cfg.batch_size])",
+           "shared experts calibrated on a fraction of the tokens", PIPELINE_TESTS),
+    Mutant("P22", P, "seed=cfg.seed + index)", "seed=cfg.seed)",
+           "router held-out split not reseeded per layer", PIPELINE_TESTS),
+    Mutant("P23", P, "topk = num_experts if cfg.method == \"qesc-mse\" else",
+           "topk = num_experts if cfg.method != \"qesc-mse\" else",
+           "qesc and qesc-mse K swapped (TopK-MSE becomes plain MSE)", PIPELINE_TESTS),
+    Mutant("P24", P, "selection_scores=lambda logits: adapter.selection_scores(block, logits))",
+           "selection_scores=None)",
+           "router targets ranked by raw logits, not the family's selection scores (DeepSeek-V3 bias)", PIPELINE_TESTS),
+    Mutant("P25", P, "needs_fp = cfg.method in (\"qesc\", \"qesc-mse\")", "needs_fp = cfg.method in (\"qesc\",)",
+           "qesc-mse skips the router calibration", PIPELINE_TESTS),
+    Mutant("P26", P, "adapter.moe_block(fp_layer), fp_stream, layer_kwargs,",
+           "adapter.moe_block(fp_layer), q_stream, layer_kwargs,",
+           "router targets computed from the quantized stream (through the FP layer)", PIPELINE_TESTS),
+    Mutant("P27", P, "adapter.dense_mlp_linears(layer), cfg.expert_bits[index],",
+           "adapter.dense_mlp_linears(layer), cfg.attn_bits or cfg.expert_bits[index],",
+           "dense MLP layers quantized at the attention bit width", PIPELINE_TESTS),
+    Mutant("P28", P, "expert_input, routing, cfg.expert_bits[index], report)",
+           "expert_input, routing, cfg.expert_bits[0], report)",
+           "routed experts of every layer at the first layer's bit width (bit schedule ignored)", PIPELINE_TESTS),
+    Mutant("P29", P, "if solver is None or self.config.method == \"rtn\":", "if solver is None:",
+           "RTN chosen only by a missing solver", PIPELINE_TESTS,
+           survivor="equivalent: with method rtn no solver is ever built, so the second condition is redundant"),
+    # ------------------------------------------------------------------ router calibration
+    Mutant("R1", R, "target_index = ranking.topk(config.topk, dim=-1).indices",
+           "target_index = ranking.topk(config.topk, dim=-1, largest=False).indices",
+           "TopK targets are the K lowest-ranked experts", ROUTER_TESTS),
+    Mutant("R2", R, "ranking = target if selection_scores is None else selection_scores(target)", "ranking = target",
+           "selection_scores ignored", ROUTER_TESTS),
+    Mutant("R3", R, "hold, train = order[:n_holdout], order[n_holdout:]",
+           "train, hold = order[:n_holdout], order[n_holdout:]", "held-out and training tokens swapped", ROUTER_TESTS),
+    Mutant("R4", R, "n_holdout = int(n_tokens * config.holdout_fraction)",
+           "n_holdout = int(n_tokens * config.holdout_fraction) + 1", "held-out split off by one token", ROUTER_TESTS),
+    Mutant("R5", R, "elif step - best_step >= config.patience:", "elif step - best_step > config.patience:",
+           "early stopping one step later", ROUTER_TESTS,
+           survivor="not observable in the result: one more step without a held-out improvement changes neither the "
+                    "kept weight nor its loss (only the run time, by one step)"),
+    Mutant("R6", R, "best_loss, best_weight, best_step = current, weight.clone(), step",
+           "best_loss, best_weight, best_step = current, weight, step",
+           "best weight aliased to the live Adam weight (later steps overwrite it)", ROUTER_TESTS),
+    Mutant("R7", R, "loss_before = best_loss = hold_objective.loss(w_fp)",
+           "loss_before = best_loss = train_objective.loss(w_fp)", "loss_before measured on the training tokens",
+           ROUTER_TESTS),
+    Mutant("R8", R, "            current = hold_objective.loss(weight)\n",
+           "            current = train_objective.loss(weight)\n", "Adam steps selected on the training loss",
+           ROUTER_TESTS),
+    Mutant("R9", R, "return self.scale * residual.pow(2).sum().item(), (2 * self.scale) * (residual.T @ self.x)",
+           "return self.scale * residual.pow(2).sum().item(), -(2 * self.scale) * (residual.T @ self.x)",
+           "token objective: gradient sign flipped", ROUTER_TESTS),
+    Mutant("R10", R, "self.target = target_logits * self.mask", "self.target = target_logits",
+           "token objective: targets outside the top-K not masked", ROUTER_TESTS),
+    Mutant("R11", R, "            self.target_energy += a_i.pow(2).sum()\n", "",
+           "statistics objective: constant term dropped (same gradient, wrong loss values)", ROUTER_TESTS),
+    Mutant("R12", R, "((2 * self.scale) * (hw - self.cross))", "((2 * self.scale) * (hw + self.cross))",
+           "statistics objective: wrong sign of the cross term in the gradient", ROUTER_TESTS),
+    Mutant("R13", R, "d = damping * diag_mean + 1e-12", "d = damping + 1e-12",
+           "ridge: absolute instead of relative damping", ROUTER_TESTS),
+    Mutant("R14", R, "rhs = self.cross + d[:, None] * weight_fp.double()", "rhs = self.cross",
+           "ridge: damped toward 0 instead of toward the FP router", ROUTER_TESTS),
+    Mutant("R15", R, "order = torch.randperm(n_tokens, generator=generator).to(device)[: config.max_tokens]",
+           "order = torch.randperm(n_tokens, generator=generator).to(device)",
+           "max_tokens subset ignored", ROUTER_TESTS),
+    Mutant("R16", R, "kind = \"statistics\" if statistics_bytes <= max(STATISTICS_BUDGET_BYTES, n_tokens * hidden * 4) "
+           "else \"tokens\"", "kind = \"tokens\" if statistics_bytes <= max(STATISTICS_BUDGET_BYTES, n_tokens * hidden * 4) "
+           "else \"statistics\"", "auto objective choice inverted", ROUTER_TESTS),
+    # ------------------------------------------------------------------ expert shift (2x2 table)
+    Mutant("E1", E, "routing = forced if forced is not None else adapter.route(block, hidden)",
+           "routing = adapter.route(block, hidden)",
+           "issue #11 bug (c): forced routing ignored in the 2x2 table", SHIFT_TESTS),
+    Mutant("E2", E, "with routed_block(adapter, fp_block, q_routing[0], []):",
+           "with routed_block(adapter, fp_block, fp_routing, []):", "fp/q stream given the FP routing", SHIFT_TESTS),
+    Mutant("E3", E, "with routed_block(adapter, q_block, fp_routing, []):",
+           "with routed_block(adapter, q_block, q_routing[0], []):", "oracle q/fp given the quantized routing",
+           SHIFT_TESTS),
+    Mutant("E4", E, "return fp_indices.shape[-1] - kept", "return kept",
+           "change counts return the kept experts instead of the changed ones", SHIFT_TESTS),
+    Mutant("E5", E, "\"half\": (2 * c >= k)", "\"half\": (2 * c > k)", "rate 'half' needs more than half changed",
+           SHIFT_TESTS),
+    Mutant("E6", E, "kl[name] += (p_fp * (logprobs[\"fp/fp\"] - logprobs[name])).sum().item()",
+           "kl[name] += (logprobs[name].exp() * (logprobs[name] - logprobs[\"fp/fp\"])).sum().item()",
+           "KL measured in the reverse direction", SHIFT_TESTS),
+    Mutant("E7", E, "run(q_layer, \"q/q\")", "run(fp_layer, \"q/q\")", "q/q stream run through the FP layer",
+           SHIFT_TESTS),
+    Mutant("E8", E, "logits = model.get_output_embeddings()(h)[:, :-1]", "logits = model.get_output_embeddings()(h)[:, 1:]",
+           "logits and next-token targets misaligned", SHIFT_TESTS),
+    Mutant("E9", E, "reference.batch_size != batch_size or not torch.equal(reference.input_ids, input_ids)",
+           "reference.batch_size != batch_size and not torch.equal(reference.input_ids, input_ids)",
+           "a reference of other inputs accepted", SHIFT_TESTS),
+    Mutant("E10", E, "model = fp_model if name.startswith(\"fp\") else q_model",
+           "model = fp_model if name.endswith(\"fp\") else q_model", "head of the other model for the mixed streams",
+           SHIFT_TESTS,
+           survivor="equivalent: eacmoe quantizes decoder layers only, so the FP and quantized models share the same "
+                    "final norm and head values"),
+    # ------------------------------------------------------------------ packing (GPTQ checkpoint layout)
+    Mutant("K1", K, "            out[:, word + 1] += value >> (bits - spill)\n",
+           "            out[:, word + 1] += value >> spill\n", "3-bit straddling values: wrong high-bit shift",
+           PACKING_TESTS),
+    Mutant("K2", K, "return _to_int32_words(qzeros_v2.to(torch.int64) - _v1_offset_constant(bits))",
+           "return _to_int32_words(qzeros_v2.to(torch.int64) + _v1_offset_constant(bits))",
+           "v1 zero points stored plus one instead of minus one", PACKING_TESTS),
+    Mutant("K3", K, "return sum(1 << (bits * j) for j in range(WORD_BITS // bits))",
+           "return sum(1 << (bits * j) for j in range(WORD_BITS // bits - 1))",
+           "v1 offset constant misses the top field (round trip still exact)", PACKING_TESTS),
+    Mutant("K4", K, "return pack_cols((zeros - 1) & 0x7, bits)", "return pack_cols(zeros & 0x7, bits)",
+           "3-bit v1 zero points not decremented", PACKING_TESTS),
+    Mutant("K5", K, "shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device)",
+           "shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device).flip(0)",
+           "unpack reads the fields of a word in reverse order", PACKING_TESTS),
+    Mutant("K6", K, "return -(-num_values * bits // WORD_BITS)", "return num_values * bits // WORD_BITS",
+           "packed length rounded down instead of up", PACKING_TESTS),
+    Mutant("K7", K, "    if bits == 3 and num_values % block != 0:\n",
+           "    if False and bits == 3 and num_values % block != 0:\n",
+           "3-bit packing of a partial block accepted", PACKING_TESTS),
+    Mutant("K8", K, "g_idx = torch.arange(in_features, dtype=torch.int32) // width",
+           "g_idx = torch.arange(in_features, dtype=torch.int32) // max(group_size, 1)",
+           "rebuilt g_idx ignores per-channel groups (group_size -1)", PACKING_TESTS),
+    Mutant("K9", K, "return torch.where(words >= (1 << 31), words - (1 << WORD_BITS), words).to(torch.int32)",
+           "return torch.where(words > (1 << 31), words - (1 << WORD_BITS), words).to(torch.int32)",
+           "int32 wrap boundary off by one", PACKING_TESTS,
+           survivor="equivalent: the only affected word, 2**31, is cast to int32 by wrapping anyway (-2**31, "
+                    "the same bit pattern)"),
+    Mutant("K10", K, "scales = qw.scales.T.contiguous().to(torch.float16)",
+           "scales = qw.scales.T.contiguous().to(torch.bfloat16).to(torch.float16)",
+           "scales rounded through bfloat16", PACKING_TESTS),
+    # ------------------------------------------------------------------ GPTQ solver
+    Mutant("G1", G, "        self._H.mul_(self._nsamples / total)\n", "",
+           "running-mean Hessian: old mean not rescaled", GPTQ_TESTS),
+    Mutant("G2", G, "scale = math.sqrt(2.0 / total)", "scale = math.sqrt(1.0 / total)",
+           "Hessian without the factor 2", GPTQ_TESTS),
+    Mutant("G3", G, "            damp_t = frac * diag_mean\n", "            damp_t = frac + 0 * diag_mean\n",
+           "absolute instead of relative damping", GPTQ_TESTS),
+    Mutant("G4", G, "W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)",
+           "W1[:, i + 1 :] += err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)", "OBS update with the wrong sign",
+           GPTQ_TESTS),
+    Mutant("G5", G, "            W[:, i2:] -= Err1 @ U[i1:i2, i2:]\n", "",
+           "lazy batch update of later blocks dropped", GPTQ_TESTS),
+    Mutant("G6", G, "codes_orig[:, perm] = codes", "codes_orig = codes.clone()",
+           "act-order codes not permuted back", GPTQ_TESTS),
+    Mutant("G7", G, "            W[:, dead] = 0.0\n", "",
+           "dead columns not zeroed", GPTQ_TESTS),
+    Mutant("G8", G, "losses[:, j] = err.square() / 2", "losses[:, j] = err.square()",
+           "reported loss twice the documented value", GPTQ_TESTS),
+    Mutant("G9", G, "perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)",
+           "perm = torch.argsort(torch.diagonal(H), descending=False, stable=True)",
+           "act-order processes the least important columns first", GPTQ_TESTS),
+    # ------------------------------------------------------------------ grids
+    Mutant("Q1", Q, "xmin = torch.minimum(w.amin(dim=-1), zeros_)", "xmin = w.amin(dim=-1)",
+           "asymmetric range need not contain 0", GRID_TESTS),
+    Mutant("Q2", Q, "below = half.float() < scale", "below = half.float() <= scale",
+           "fp16 scales bumped up even when exact", GRID_TESTS),
+    Mutant("Q3", Q, "return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)",
+           "return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq - 1)", "top code never used",
+           GRID_TESTS),
+    Mutant("Q4", Q, "zero = torch.round(-xmin / scale).clamp_(0, maxq)", "zero = torch.floor(-xmin / scale).clamp_(0, maxq)",
+           "zero point truncated instead of rounded", GRID_TESTS),
+]
+
+
+def copy_project(dest: Path) -> None:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str]:
+    """(passed, first failing test or a reason) of `pytest -x` on `tests` in the copy."""
+    env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timeout after {timeout:.0f} s"
+    if done.returncode == 0:
+        return True, ""
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
+    return False, found.group(1) if found else f"pytest exit {done.returncode}"
+
+
+def check_import(copy: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    where = subprocess.run([sys.executable, "-c", "import eacmoe; print(eacmoe.__file__)"], cwd=copy, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(where).resolve().is_relative_to(copy.resolve()):
+        raise SystemExit(f"error: `import eacmoe` in the copy loads {where}, not the copy")
+
+
+def apply(copy: Path, mutant: Mutant) -> str | None:
+    """Write the mutant into the copy; returns the original text, or None when the snippet is not there once."""
+    path = copy / mutant.file
+    original = path.read_text()
+    if original.count(mutant.old) != 1:
+        return None
+    path.write_text(original.replace(mutant.old, mutant.new))
+    return original
+
+
+def select(mutants: list[Mutant], only: list[str] | None) -> list[Mutant]:
+    if not only:
+        return mutants
+    return [m for m in mutants if m.id in only or any(o in m.file for o in only)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", help="mutant ids or file name fragments (e.g. P1 E1 packing)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not first run the tests unmutated")
+    args = parser.parse_args(argv)
+    mutants = select(MUTANTS, args.only)
+    if not mutants:
+        print("error: no mutant matches --only", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in mutants:
+            print(f"{m.id}\t{m.file}\t{m.description}\t{' '.join(m.tests)}")
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eacmoe_mutants_") as tmp:
+        copy = Path(tmp)
+        copy_project(copy)
+        check_import(copy)
+        if not args.skip_baseline:
+            for tests in sorted({m.tests for m in mutants}):
+                passed, failure = run_tests(copy, tests, args.timeout)
+                if not passed:
+                    print(f"error: the unmutated tests fail ({failure}); fix them first", file=sys.stderr)
+                    return 2
+        for m in mutants:
+            t0 = time.perf_counter()
+            original = apply(copy, m)
+            if original is None:
+                result, by = "stale", "snippet not found exactly once: update the mutant"
+            else:
+                try:
+                    py_compile.compile(str(copy / m.file), doraise=True)
+                    passed, by = run_tests(copy, m.tests, args.timeout)
+                    result = "survived" if passed else "killed"
+                except py_compile.PyCompileError as err:
+                    result, by = "invalid", str(err).splitlines()[-1]
+                finally:
+                    (copy / m.file).write_text(original)
+            if result == "survived":
+                by = m.survivor or "UNEXPECTED: add a test that fails"
+            elif result == "killed" and m.survivor:
+                by += " (listed as a survivor: update its note)"
+            rows.append((m, result, by, time.perf_counter() - t0))
+            print(f"{m.id:4} {result:8} {time.perf_counter() - t0:6.1f} s  {by}", file=sys.stderr, flush=True)
+
+    killed = sum(r == "killed" for _, r, _, _ in rows)
+    survived = sum(r == "survived" for _, r, _, _ in rows)
+    lines = ["| id | file | mutant | result | killed by / why harmless |", "|---|---|---|---|---|"]
+    for m, result, by, _ in rows:
+        lines.append(f"| {m.id} | `{m.file}` | {m.description} | {result} | {by.replace('|', '/')} |")
+    lines.append("")
+    lines.append(f"{len(rows)} mutants: {killed} killed, {survived} survived, "
+                 f"{len(rows) - killed - survived} stale or invalid.")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    unexpected = [m.id for m, r, _, _ in rows if (r == "survived") != bool(m.survivor) or r in ("stale", "invalid")]
+    if unexpected:
+        print(f"unexpected results: {' '.join(unexpected)}", file=sys.stderr)
+    return 1 if unexpected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
