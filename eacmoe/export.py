@@ -279,7 +279,12 @@ def is_packed_export(directory: str | Path) -> bool:
     path = Path(directory) / "config.json"
     if not path.is_file():
         return False
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not a config.json that eacmoe wrote; whoever loads it reports the problem
+    if not isinstance(config, dict):
+        return False
     marker = config.get("eacmoe")
     if isinstance(marker, dict):
         return marker.get("format") == PACKED_MARKER["format"]

@@ -18,6 +18,7 @@ from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
 from .cli import OneLineErrorParser, print_error  # noqa: E402
 from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
+from .threads import add_threads_argument  # noqa: E402
 
 log = logging.getLogger("eacmoe.quantize")
 
@@ -79,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read decoder layers from the checkpoint one at a time instead of loading the whole model, "
                         "so memory scales with one layer (needs safetensors); default: lazy when the model takes "
                         "more than 2 GiB in memory")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; results depend on it, not only speed, so the count used is recorded in "
-                        "report.json and the summary (default: %(default)s, torch's own choice)")
+    add_threads_argument(p, default=None)  # None: torch's own choice; the count used is in report.json
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

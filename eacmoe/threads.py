@@ -26,10 +26,14 @@ def _thread_count(text: str) -> int:
     return value
 
 
-def add_threads_argument(parser: argparse.ArgumentParser, default: int = DEFAULT_THREADS) -> None:
-    """`--threads N` (default 1: the figures in README.md and docs/ are measured with one thread)."""
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = DEFAULT_THREADS) -> None:
+    """`--threads N` (default 1: the figures in README.md and docs/ are measured with one thread; None: torch's own
+    choice, for commands whose users want speed, which then record the count they used)."""
+    # "%(default).0s" prints nothing but keeps ArgumentDefaultsHelpFormatter from appending "(default: None)"
+    shown = "torch's own choice%(default).0s" if default is None else "%(default)s"
     parser.add_argument("--threads", type=_thread_count, default=default,
-                        help="torch CPU threads; results depend on it, not only speed (default: %(default)s)")
+                        help="torch CPU threads; results depend on it, not only speed, so the count used is recorded "
+                             f"(default: {shown})")
 
 
 def set_threads(threads: int) -> int:

@@ -1,10 +1,10 @@
 """Mutation check: seed one plausible bug at a time into a private copy of the project and run the tests that
 should catch it. Prints a markdown table (the last full run is in docs/MUTATIONS.md).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py                  # every mutant (~15 min, 1 core)
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py                  # every mutant (about 15 min on one core)
     .venv/bin/python scripts/mutation_check.py --list                             # ids, files, tests; runs nothing
     OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py --only P1 E1     # ids, or file name fragments
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py --out docs/MUTATIONS-table.md
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_check.py --out /tmp/mutations.md   # the table, also as a file
 
 The working tree is never written to: the project (COPIED below) is copied once to a temporary directory; for each
 mutant one exact snippet of one file is replaced there (it must occur exactly once, else the mutant is reported
@@ -39,6 +39,8 @@ SHIFT_TESTS = ("tests/test_expert_shift.py",)
 PACKING_TESTS = ("tests/test_packing.py", "tests/test_export.py::test_generate_after_load")
 GPTQ_TESTS = ("tests/test_gptq.py",)
 GRID_TESTS = ("tests/test_grid.py", "tests/test_gptq.py")
+PESF_TESTS = ("tests/test_pesf.py", "tests/test_pesf_padding.py")
+RUNTIME_TESTS = ("tests/test_export.py", "tests/test_packing.py", "tests/test_pesf_padding.py::test_packed_alone_equals_padded_in_batch")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Mutant:
 
 P, R, E, K, G, Q = "eacmoe/pipeline.py", "eacmoe/router_calibration.py", "eacmoe/expert_shift.py", \
     "eacmoe/quant/packing.py", "eacmoe/quant/gptq.py", "eacmoe/quant/grid.py"
+S, T = "eacmoe/pesf.py", "eacmoe/runtime/packed_modules.py"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ pipeline (QESC order, routing, Hessians)
@@ -146,9 +149,7 @@ MUTANTS: list[Mutant] = [
     Mutant("R4", R, "n_holdout = int(n_tokens * config.holdout_fraction)",
            "n_holdout = int(n_tokens * config.holdout_fraction) + 1", "held-out split off by one token", ROUTER_TESTS),
     Mutant("R5", R, "elif step - best_step >= config.patience:", "elif step - best_step > config.patience:",
-           "early stopping one step later", ROUTER_TESTS,
-           survivor="not observable in the result: one more step without a held-out improvement changes neither the "
-                    "kept weight nor its loss (only the run time, by one step)"),
+           "early stopping one step later", ROUTER_TESTS),
     Mutant("R6", R, "best_loss, best_weight, best_step = current, weight.clone(), step",
            "best_loss, best_weight, best_step = current, weight, step",
            "best weight aliased to the live Adam weight (later steps overwrite it)", ROUTER_TESTS),
@@ -231,8 +232,8 @@ MUTANTS: list[Mutant] = [
     Mutant("K9", K, "return torch.where(words >= (1 << 31), words - (1 << WORD_BITS), words).to(torch.int32)",
            "return torch.where(words > (1 << 31), words - (1 << WORD_BITS), words).to(torch.int32)",
            "int32 wrap boundary off by one", PACKING_TESTS,
-           survivor="equivalent: the only affected word, 2**31, is cast to int32 by wrapping anyway (-2**31, "
-                    "the same bit pattern)"),
+           survivor="equivalent here: the only affected word, 2**31, is then wrapped by torch's int64 -> int32 cast "
+                    "(-2**31, the same bit pattern); the explicit wrap only avoids relying on that cast"),
     Mutant("K10", K, "scales = qw.scales.T.contiguous().to(torch.float16)",
            "scales = qw.scales.T.contiguous().to(torch.bfloat16).to(torch.float16)",
            "scales rounded through bfloat16", PACKING_TESTS),
@@ -267,6 +268,38 @@ MUTANTS: list[Mutant] = [
            GRID_TESTS),
     Mutant("Q4", Q, "zero = torch.round(-xmin / scale).clamp_(0, maxq)", "zero = torch.floor(-xmin / scale).clamp_(0, maxq)",
            "zero point truncated instead of rounded", GRID_TESTS),
+    # ------------------------------------------------------------------ PESF (prefill expert skipping)
+    Mutant("S1", S, "return counts >= alpha * seq_len * top_k / counts.shape[-1]",
+           "return counts > alpha * seq_len * top_k / counts.shape[-1]",
+           "an expert exactly at the threshold is skipped", PESF_TESTS),
+    Mutant("S2", S, "lengths = real.sum(dim=1)", "lengths = torch.full((batch,), seq_len, device=real.device)",
+           "threshold from the padded length", PESF_TESTS),
+    Mutant("S3", S, "        index = torch.where(real[:, :, None].to(index.device), index, torch.full_like(index, num_experts))\n",
+           "", "pad tokens counted", PESF_TESTS),
+    Mutant("S4", S, "top_k_weights.sum(dim=-1, keepdim=True) / kept_sum.clamp_min(1e-30)",
+           "kept_sum / top_k_weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)",
+           "renormalisation scale inverted", PESF_TESTS),
+    Mutant("S5", S, 'chunk["real"] = None if real is None else real[:, -seq_len:]',
+           'chunk["real"] = None if real is None else real[:, :seq_len]',
+           "with a KV cache, the oldest mask columns are used", PESF_TESTS),
+    Mutant("S6", S, "padded_keep = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)",
+           "padded_keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)",
+           "an already dropped slot counts as kept", PESF_TESTS),
+    Mutant("S7", S, "prefilled = lengths > 1", "prefilled = lengths > 0",
+           "a one-token sequence (decode inside a batch) is pruned", PESF_TESTS),
+    # ------------------------------------------------------------------ packed runtime
+    Mutant("T1", T, "out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))",
+           "out.index_add_(0, token_idx, (y * top_k_weights[token_idx, 0, None]).to(out.dtype))",
+           "every slot weighted with the first slot's weight", RUNTIME_TESTS),
+    Mutant("T2", T, "if e >= self.num_experts:  # dropped slot", "if e > self.num_experts:  # dropped slot",
+           "a dropped slot (PESF) is run as an expert", RUNTIME_TESTS),
+    Mutant("T3", T, "weight_t = (codes.float() - zeros[group].float()) * scales[group]",
+           "weight_t = (codes.float() - zeros[group].float() + 1) * scales[group]",
+           "zero point off by one (the v1/v2 confusion)", RUNTIME_TESTS),
+    Mutant("T4", T, "gate, up = F.linear(x, gate_up).chunk(2, dim=-1)", "up, gate = F.linear(x, gate_up).chunk(2, dim=-1)",
+           "gate and up projections swapped", RUNTIME_TESTS),
+    Mutant("T5", T, "group = self.g_idx.long()", "group = torch.arange(self.in_features) // max(self.group_size, 1)",
+           "g_idx ignored (breaks act-order checkpoints)", RUNTIME_TESTS),
 ]
 
 
@@ -279,19 +312,21 @@ def copy_project(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str]:
-    """(passed, first failing test or a reason) of `pytest -x` on `tests` in the copy."""
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float, every_failure: bool = False) -> tuple[bool, str]:
+    """(passed, the failing test(s) or a reason) of pytest on `tests` in the copy: `-x` (the first failure) unless
+    `every_failure`."""
     env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", *([] if every_failure else ["-x"]), "-q", "-rfE", "-p", "no:cacheprovider",
+           *tests]
     try:
         done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"timeout after {timeout:.0f} s"
     if done.returncode == 0:
         return True, ""
-    found = re.search(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
-    return False, found.group(1) if found else f"pytest exit {done.returncode}"
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
+    return False, ", ".join(failed) if failed else f"pytest exit {done.returncode}"
 
 
 def check_import(copy: Path) -> None:
@@ -325,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant")
     parser.add_argument("--skip-baseline", action="store_true", help="do not first run the tests unmutated")
+    parser.add_argument("--every-failure", action="store_true",
+                        help="run each mutant's tests to the end and list every failing test (slower)")
     args = parser.parse_args(argv)
     mutants = select(MUTANTS, args.only)
     if not mutants:
@@ -354,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 try:
                     py_compile.compile(str(copy / m.file), doraise=True)
-                    passed, by = run_tests(copy, m.tests, args.timeout)
+                    passed, by = run_tests(copy, m.tests, args.timeout, args.every_failure)
                     result = "survived" if passed else "killed"
                 except py_compile.PyCompileError as err:
                     result, by = "invalid", str(err).splitlines()[-1]

@@ -235,6 +235,8 @@ def test_tokenizer_length_warning_is_silenced_where_text_is_cut_into_windows(tmp
     handler = Collect(level=logging.WARNING)
     tokenizer_logger = logging.getLogger("transformers.tokenization_utils_base")
     tokenizer_logger.addHandler(handler)
+    level = tokenizer_logger.level
+    tokenizer_logger.setLevel(logging.WARNING)  # other tests may have quietened transformers' logging
     try:
         fresh = AutoTokenizer.from_pretrained(TOKENIZER_DIR)  # the warning is given once per tokenizer object
         assert get_calibration_data(str(long_doc), fresh, 2, 1024).shape == (2, 1024)
@@ -247,6 +249,7 @@ def test_tokenizer_length_warning_is_silenced_where_text_is_cut_into_windows(tmp
         assert [w for w in warnings if "maximum sequence length" in w]
     finally:
         tokenizer_logger.removeHandler(handler)
+        tokenizer_logger.setLevel(level)
 
 
 def test_bit_schedules() -> None:
