@@ -7,28 +7,22 @@ Every cell (method @ bits) is built in memory from the FP model and measured aga
 (bundled test split, WikiText-2 when available), KL to FP, expert-shift rates and, with --suite, the lm-eval suite.
 Finished cells are appended to <out>/results.jsonl, so an interrupted sweep continues where it stopped;
 <out>/REPORT.md and <out>/pareto.png are rewritten at the end. See eacmoe/evaluation.py for the bits accounting.
+
+    python -m eacmoe.eval --model tiny-mixtral --sensitivity --limit 4 --threads 1 --out /tmp/quick
+
+--sensitivity runs the sensitivity study instead (eacmoe/sensitivity.py: Normal noise, SZ3 at matched error and
+2-bit GPTQ on single experts, layers and thirds) into <out>/sensitivity/; --methods and --bits do not apply to it.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from .cli import OneLineErrorParser, print_error
+from .cli import OneLineErrorParser, positive_int, print_error, setup_logging
 from .threads import add_threads_argument, command_line, set_threads
 
 PROGRAM = "python -m eacmoe.eval"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -53,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "for codecs; a codec bound (rel:0.3, abs:1e-3, bpw:2.2) applies to codecs only "
                          "(default: %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (results.jsonl, REPORT.md, pareto.png)")
-    ap.add_argument("--limit", type=_positive_int, default=None,
+    ap.add_argument("--limit", type=positive_int, default=None,
                     help="a quick look: this many held-out windows per source and suite items per task")
-    ap.add_argument("--eval-samples", type=_positive_int, default=32, help="held-out windows per source")
-    ap.add_argument("--eval-seqlen", type=_positive_int, default=None,
+    ap.add_argument("--eval-samples", type=positive_int, default=32, help="held-out windows per source")
+    ap.add_argument("--eval-seqlen", type=positive_int, default=None,
                     help="held-out window length (default: the model's context, at most 512)")
-    ap.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences (GPTQ, QESC)")
-    ap.add_argument("--seqlen", type=_positive_int, default=None,
+    ap.add_argument("--nsamples", type=positive_int, default=128, help="calibration sequences (GPTQ, QESC)")
+    ap.add_argument("--seqlen", type=positive_int, default=None,
                     help="calibration sequence length (default: the model's context, at most 2048)")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group size (-1: per channel)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed")
@@ -67,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PESF skip threshold of qesc+pesf (default: %(default)s, from docs/pesf)")
     ap.add_argument("--suite", action="store_true", help="also run the lm-eval suite of eval/ on every cell")
     ap.add_argument("--suite-tasks", default="eacmoe_cloze,eacmoe_nextsent", help="lm-eval tasks of --suite")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="run the sensitivity study (eacmoe/sensitivity.py) into <out>/sensitivity/, not the sweep")
+    ap.add_argument("--noise-levels", nargs="+", type=_non_negative_float, default=None,
+                    help="--sensitivity: the noise levels p (error std = p x mean|w|; default: 0.1 0.3 0.5 0.8)")
+    ap.add_argument("--per-expert", action=argparse.BooleanOptionalAction, default=None,
+                    help="--sensitivity: 2-bit GPTQ of each expert alone (default: when the model has at most 256 "
+                         "routed experts)")
     add_threads_argument(ap)
     return ap
 
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     threads = set_threads(args.threads)
 
     from .codecs import UnreachableBits
@@ -84,13 +85,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_group_size(args.group_size, [])  # the number alone; its fit to the model is checked on loading
-        cells = plan_cells(args.methods, args.bits)
+        cells = None if args.sensitivity else plan_cells(args.methods, args.bits)
         settings = SweepSettings(
             eval_samples=args.limit or args.eval_samples, eval_seqlen=args.eval_seqlen, nsamples=args.nsamples,
             seqlen=args.seqlen, group_size=args.group_size, seed=args.seed, pesf_alpha=args.pesf_alpha,
             suite_tasks=tuple(t for t in args.suite_tasks.split(",") if t) if args.suite else (),
             suite_limit=args.limit, threads=threads)
-        run_sweep(args.model, cells, settings, args.out, command_line(PROGRAM, argv, threads))
+        if args.sensitivity:
+            from .codecs import NOISE_LEVELS
+            from .sensitivity import StudySettings, run_study
+
+            study = StudySettings(sweep=settings, noise_levels=tuple(args.noise_levels or NOISE_LEVELS),
+                                  per_expert=args.per_expert)
+            run_study(args.model, study, args.out / "sensitivity", command_line(PROGRAM, argv, threads))
+        else:
+            run_sweep(args.model, cells, settings, args.out, command_line(PROGRAM, argv, threads))
     except (SweepError, JobError, BitsError, UnreachableBits, ImportError) as exc:
         print_error(exc)
         return 2

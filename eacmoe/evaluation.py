@@ -362,7 +362,7 @@ METHODS: dict[str, Method] = {
 # Measuring a cell
 
 
-def _suite_module():
+def suite_module():
     if not (EVAL_DIR / "run_suite.py").exists():
         raise SweepError(f"--suite needs the lm-eval suite of an eacmoe checkout ({EVAL_DIR} not found)")
     if str(EVAL_DIR) not in sys.path:
@@ -384,7 +384,7 @@ def evaluate_model(context: SweepContext, model: nn.Module, heldout: dict[str, t
                        "oracle_ppl": rep.perplexity["q/fp"], "shift": rep.mean_shift(),
                        "shift_per_layer": [layer["any"] for layer in rep.shift], "tokens": rep.tokens}
     if s.suite_tasks:
-        run_suite = _suite_module()
+        run_suite = suite_module()
         row["suite"] = run_suite.summarize(run_suite.evaluate_model_object(
             model, context.tokenizer, list(s.suite_tasks), limit=s.suite_limit, batch_size=s.suite_batch_size))
     stats = getattr(model, "pesf_stats", None)
@@ -436,14 +436,14 @@ def check_resumable(rows: list[dict], model: str, fingerprint: str, settings: di
                              "same flags, another --out, or move the file aside")
 
 
-def _append(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict) -> None:
     with path.open("a") as f:  # one write per line: a crash leaves whole lines and at most one cut-short last line
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _drop_cut_short_line(path: Path) -> None:
+def drop_cut_short_line(path: Path) -> None:
     """Rewrite ``path`` without a last line cut short by an interrupted write (load_rows skipped it), so that the
     lines appended next stay readable."""
     if not path.exists():
@@ -478,7 +478,7 @@ def run_sweep(model_name: str, cells: Sequence[Cell], settings: SweepSettings, o
     results_path = out / RESULTS_FILE
     rows = load_rows(results_path)
     if settings.suite_tasks:
-        _suite_module()
+        suite_module()
 
     fp_model, tokenizer = load_model(model_name, torch.float32)  # fp32: the codecs' bounds hold exactly
     context = getattr(fp_model.config, "max_position_embeddings", None) or 2048
@@ -499,7 +499,7 @@ def run_sweep(model_name: str, cells: Sequence[Cell], settings: SweepSettings, o
             ctx.bound_search(cell.method, parse_bound(str(cell.target)))
 
     out.mkdir(parents=True, exist_ok=True)
-    _drop_cut_short_line(results_path)
+    drop_cut_short_line(results_path)
     if pending:
         references = {source: measure_fp_reference(fp_model, ids, batch_size=settings.batch_size)
                       for source, ids in heldout.items()}
@@ -513,7 +513,7 @@ def run_sweep(model_name: str, cells: Sequence[Cell], settings: SweepSettings, o
                    "fingerprint": fingerprint, "settings": settings.as_dict(), "threads": settings.threads,
                    "bits": built.bits.as_dict(), "bits_moved": built.bits_moved.as_dict(), **built.details,
                    **metrics, "seconds": {"build": build_s, "evaluate": time.perf_counter() - t0}}
-            _append(results_path, row)
+            append_row(results_path, row)
             log.info("%s: %.3f bits per weight, test ppl %.3f", cell.label, built.bits.bits_per_weight,
                      metrics.get("bundled-test", {}).get("ppl", float("nan")))
             rows.append(row)

@@ -9,13 +9,8 @@ import argparse
 import logging
 import sys
 
-# transformers imports torchao when it is installed (GPTQModel, a dev dependency, pulls it in); on a CPU machine
-# torchao logs at WARNING that its CUDA kernels do not load, on every start. Not the user's concern here.
-for _noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_noisy).setLevel(logging.ERROR)
-
+from .cli import OneLineErrorParser, print_error, setup_logging  # first: it quietens third-party start-up logs
 from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
-from .cli import OneLineErrorParser, print_error  # noqa: E402
 from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
 from .threads import add_threads_argument  # noqa: E402
@@ -87,12 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    for library in ("huggingface_hub", "datasets"):  # they print through a handler of their own: once is enough
-        logging.getLogger(library).propagate = False
+    setup_logging(args.verbose)
     from .adapters import UnsupportedModelError
     from .calibration import CalibrationDataError
     from .report import format_summary

@@ -13,17 +13,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from .cli import positive_int
+
 DEFAULT_THREADS = 1
-
-
-def _thread_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = DEFAULT_THREADS) -> None:
@@ -31,7 +23,7 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = 
     choice, for commands whose users want speed, which then record the count they used)."""
     # "%(default).0s" prints nothing but keeps ArgumentDefaultsHelpFormatter from appending "(default: None)"
     shown = "torch's own choice%(default).0s" if default is None else "%(default)s"
-    parser.add_argument("--threads", type=_thread_count, default=default,
+    parser.add_argument("--threads", type=positive_int, default=default,
                         help="torch CPU threads; results depend on it, not only speed, so the count used is recorded "
                              f"(default: {shown})")
 

@@ -274,8 +274,8 @@ MUTANTS: list[Mutant] = [
            "an expert exactly at the threshold is skipped", PESF_TESTS),
     Mutant("S2", S, "lengths = real.sum(dim=1)", "lengths = torch.full((batch,), seq_len, device=real.device)",
            "threshold from the padded length", PESF_TESTS),
-    Mutant("S3", S, "        index = torch.where(real[:, :, None].to(index.device), index, torch.full_like(index, num_experts))\n",
-           "", "pad tokens counted", PESF_TESTS),
+    Mutant("S3", S, "index = torch.where(real[:, :, None].to(index.device), index, torch.full_like(index, num_experts))",
+           "index = index", "pad tokens counted", PESF_TESTS),
     Mutant("S4", S, "top_k_weights.sum(dim=-1, keepdim=True) / kept_sum.clamp_min(1e-30)",
            "kept_sum / top_k_weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)",
            "renormalisation scale inverted", PESF_TESTS),
@@ -284,7 +284,9 @@ MUTANTS: list[Mutant] = [
            "with a KV cache, the oldest mask columns are used", PESF_TESTS),
     Mutant("S6", S, "padded_keep = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)",
            "padded_keep = torch.cat([keep, torch.ones_like(keep[:, :1])], dim=1)",
-           "an already dropped slot counts as kept", PESF_TESTS),
+           "an already dropped slot counts as kept", PESF_TESTS,
+           survivor="equivalent: index num_experts only ever comes with weight 0 (no router emits it), so keeping "
+                    "the slot keeps index num_experts and weight 0"),
     Mutant("S7", S, "prefilled = lengths > 1", "prefilled = lengths > 0",
            "a one-token sequence (decode inside a batch) is pruned", PESF_TESTS),
     # ------------------------------------------------------------------ packed runtime

@@ -24,20 +24,13 @@ SETTINGS = SweepSettings(eval_samples=2, eval_seqlen=32, nsamples=4, seqlen=32, 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tiny_models import SPECS
-    from transformers import AutoTokenizer, MixtralForCausalLM
+    from tiny_models import mixtral_with_bundled_tokenizer
 
-    from eacmoe.assets import TOKENIZER_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = SPECS["mixtral"].make_config()
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-mixtral")
-    model = MixtralForCausalLM(config)
+    model, tokenizer = mixtral_with_bundled_tokenizer()
     with torch.no_grad():  # experts of different scales (as trained ones are): each matrix needs its own bound
         for layer in model.model.layers:
-            for e in range(config.num_local_experts):
+            for e in range(model.config.num_local_experts):
                 layer.mlp.experts.gate_up_proj[e] *= (1 + e) / 4
                 layer.mlp.experts.down_proj[e] *= (1 + e) / 4
     model.to(torch.bfloat16).save_pretrained(out)

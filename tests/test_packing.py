@@ -55,6 +55,20 @@ def assert_same_qweight(a: QuantizedWeight, b: QuantizedWeight) -> None:
     assert (a.bits, a.group_size, a.sym) == (b.bits, b.group_size, b.sym)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_packed_linear_runs_exactly_the_quantized_weight(bits: int, act_order: bool) -> None:
+    """The runtime's PackedLinear (the module a packed export is made of) dequantizes to exactly
+    ``QuantizedWeight.dequantize`` and computes ``x W^T``, also when act-order makes g_idx a permutation."""
+    from eacmoe.runtime.packed_modules import PackedLinear
+
+    qw = random_qweight(bits, 128, 64, 32, act_order=act_order, seed=bits)
+    module = PackedLinear.from_quantized(qw)
+    assert torch.equal(module.dequantized_weight(), qw.dequantize())
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(module(x), x @ qw.dequantize().T, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- own layout
 # (K, N, group): aligned; per-channel; K and N not multiples of 32/b (2/4/8-bit only, zero-padded words).
 SHAPES = [(256, 64, 64), (128, 96, -1), (40, 20, 8), (24, 36, 12)]
