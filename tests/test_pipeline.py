@@ -64,13 +64,18 @@ def observe_moe(model: nn.Module, adapter, ids: torch.Tensor, batch_size: int) -
             lambda m, args, rec=rec: rec["x"].append(args[0].reshape(-1, args[0].shape[-1]).clone())))
         handles.append(adapter.experts(block).register_forward_pre_hook(
             lambda m, args, rec=rec: rec["indices"].append(args[1].clone())))
+    run_with_hooks(model, ids, batch_size, handles)
+    return {i: {k: torch.cat(v) for k, v in rec.items()} for i, rec in seen.items()}
+
+
+def run_with_hooks(model: nn.Module, ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """The model's own forward over `ids` in batches, with the observing hooks removed afterwards."""
     try:
         for start in range(0, ids.shape[0], batch_size):
             model(ids[start:start + batch_size], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {i: {k: torch.cat(v) for k, v in rec.items()} for i, rec in seen.items()}
 
 
 @torch.no_grad()
@@ -88,12 +93,7 @@ def observe_linear_inputs(model: nn.Module, adapter, ids: torch.Tensor, batch_si
             rec = seen.setdefault(f"layers.{i}.{name}", [])
             handles.append(linear.register_forward_hook(
                 lambda m, args, out, rec=rec: rec.append(args[0].reshape(-1, args[0].shape[-1]).clone())))
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            model(ids[start:start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, ids, batch_size, handles)
     return {k: torch.cat(v) for k, v in seen.items()}
 
 
