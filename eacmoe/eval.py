@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PESF skip threshold of qesc+pesf (default: %(default)s, from docs/pesf)")
     ap.add_argument("--suite", action="store_true", help="also run the lm-eval suite of eval/ on every cell")
     ap.add_argument("--suite-tasks", default="eacmoe_cloze,eacmoe_nextsent", help="lm-eval tasks of --suite")
+    ap.add_argument("--suite-limit", type=positive_int, default=None,
+                    help="items per suite task (default: --limit, else all)")
+    ap.add_argument("--codec-workers", type=positive_int, default=None,
+                    help="worker processes of the codec throughput 'all threads' row (default: every available core)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="run the sensitivity study (eacmoe/sensitivity.py) into <out>/sensitivity/, not the sweep")
     ap.add_argument("--noise-levels", nargs="+", type=_non_negative_float, default=None,
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_samples=args.limit or args.eval_samples, eval_seqlen=args.eval_seqlen, nsamples=args.nsamples,
             seqlen=args.seqlen, group_size=args.group_size, seed=args.seed, pesf_alpha=args.pesf_alpha,
             suite_tasks=tuple(t for t in args.suite_tasks.split(",") if t) if args.suite else (),
-            suite_limit=args.limit, threads=threads)
+            suite_limit=args.suite_limit or args.limit, threads=threads)
         if args.sensitivity:
             from .codecs import NOISE_LEVELS
             from .sensitivity import StudySettings, run_study
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                   per_expert=args.per_expert)
             run_study(args.model, study, args.out / "sensitivity", command_line(PROGRAM, argv, threads))
         else:
-            run_sweep(args.model, cells, settings, args.out, command_line(PROGRAM, argv, threads))
+            run_sweep(args.model, cells, settings, args.out, command_line(PROGRAM, argv, threads),
+                      codec_workers=args.codec_workers)
     except (SweepError, JobError, BitsError, UnreachableBits, ImportError) as exc:
         print_error(exc)
         return 2

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .calibration import get_calibration_data
+from .codec_study import codec_bounds, report_lines, run_codec_study
 from .codecs import (
     BoundSearch,
     ErrorBound,
@@ -466,8 +467,11 @@ def drop_cut_short_line(path: Path) -> None:
 
 
 def run_sweep(model_name: str, cells: Sequence[Cell], settings: SweepSettings, out: Path,
-              command: str | None = None) -> list[dict]:
+              command: str | None = None, codec_workers: int | None = None) -> list[dict]:
     """Measure every cell of ``cells`` not yet in ``<out>/results.jsonl``, then rewrite the report; returns all rows.
+
+    The report also carries the codec study (:mod:`eacmoe.codec_study`: throughput at every codec cell's bound with
+    1 and ``codec_workers`` workers, default every available core, and SZ3's error histogram), measured once.
 
     Bad input (the output path, the results file, a model that cannot be loaded, held-out windows, a bits target a
     codec cannot reach) raises before ``out`` is created or a cell is written.
@@ -518,7 +522,12 @@ def run_sweep(model_name: str, cells: Sequence[Cell], settings: SweepSettings, o
                      metrics.get("bundled-test", {}).get("ppl", float("nan")))
             rows.append(row)
     rows = load_rows(results_path)
-    write_report(rows, out, command)
+    bounds = codec_bounds(rows, [name for name, m in METHODS.items() if m.kind == "codec"])
+    study = None
+    if bounds:
+        matrices = {n: w.detach().to("cpu", torch.float32).numpy() for n, w in expert_matrices(fp_model).items()}
+        study = run_codec_study(matrices, bounds, out, fingerprint, codec_workers)
+    write_report(rows, out, command, study)
     return rows
 
 
@@ -548,8 +557,22 @@ def _sort_key(row: dict) -> tuple:
     return (order.index(row["method"]) if row["method"] in order else len(order), row["bits"]["bits_per_weight"])
 
 
-def write_report(rows: list[dict], out: Path, command: str | None = None) -> None:
-    """``REPORT.md`` (one table row per cell) and ``pareto.png`` from the rows of a results file."""
+def _suite_note(rows: list[dict], settings: dict) -> str:
+    """A sentence on the suite columns: tasks, items and the FP cell's standard errors (what a difference means)."""
+    if not settings.get("suite_tasks"):
+        return ""
+    fp = next((r for r in rows if r["method"] == "fp" and "suite" in r), None)
+    errs = "" if fp is None else ", standard error at FP " + ", ".join(
+        f"{k.removesuffix('_acc_stderr')} {100 * v:.1f}" for k, v in sorted(fp["suite"].items())
+        if k.endswith("_acc_stderr")) + " points"
+    return (f" Suite columns: lm-eval accuracy on the tasks {', '.join(settings['suite_tasks'])} of eval/ "
+            f"({settings.get('suite_limit') or 'all'} items per task{errs}).")
+
+
+def write_report(rows: list[dict], out: Path, command: str | None = None,
+                 codec_study: dict | None = None) -> None:
+    """``REPORT.md`` (one table row per cell, then the codec study when given) and ``pareto.png`` from the rows of a
+    results file."""
     if not rows:
         return
     rows = sorted(rows, key=_sort_key)
@@ -577,7 +600,7 @@ def write_report(rows: list[dict], out: Path, command: str | None = None) -> Non
         f"second half 2-bit). QESC+PESF is the QESC model with prefill expert skipping (alpha "
         f"{settings.get('pesf_alpha')}); its shift rates are QESC's (PESF acts after the router). KL and shift "
         "against the FP model on the bundled test split; shift = share of tokens whose top-k expert set changed "
-        "(any / at least half / all of the k), mean over MoE layers.", "",
+        "(any / at least half / all of the k), mean over MoE layers." + _suite_note(rows, settings), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         test = r.get("bundled-test", {})
@@ -589,6 +612,8 @@ def write_report(rows: list[dict], out: Path, command: str | None = None) -> Non
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![quality against bits per weight]({PARETO_FILE})", "",
               f"Raw figures, one JSON line per cell: `{RESULTS_FILE}`.", ""]
+    if codec_study:
+        lines += report_lines(codec_study)
     tmp = out / f".{REPORT_FILE}.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / REPORT_FILE)

@@ -30,8 +30,8 @@ cells on, ``L<L>:E<e>`` each expert alone.
 per-token KL(FP || cell). Cells are appended to ``<out>/results.jsonl`` (the eval sweep's results-file helpers:
 resume, refusal of other weights or settings).
 
-**Outputs** in ``<out>``: ``results.jsonl`` and ``results.csv`` (one row per cell), ``heatmap.png`` (KL of layer x
-perturbation, the thirds, and layer x expert for per-expert GPTQ), ``REPORT.md`` (tables and a paragraph, computed
+**Outputs** in ``<out>``: ``results.jsonl`` and ``results.csv`` (one row per cell), ``heatmap.png`` (KL, ΔPPL and,
+with the suite, Δ accuracy of layer x perturbation, the thirds, and layer x expert for per-expert GPTQ), ``REPORT.md`` (tables and a paragraph, computed
 from the figures, comparing with the study's findings) and ``sensitivity.json``, the file a quantizer reads:
 
 .. code-block:: text
@@ -49,6 +49,7 @@ from the figures, comparing with the study's findings) and ``sensitivity.json``,
          "selection_frequency": [float] | null,   # share of the layer's top-k slots per expert (sums to 1)
          "kl": {perturbation: float},             # target L<L>:all, every perturbation measured
          "delta_ppl": {perturbation: float},
+         "delta_acc": {perturbation: float},      # suite accuracy change in points ({} without --suite)
          "experts": [{"expert": int, "score": float, "delta_ppl": float}] | null}  # per-expert gptq cells
       ],
       "thirds": {"first"|"middle"|"last": {"layers": [int], "kl": {...}, "delta_ppl": {...}}}
@@ -100,8 +101,8 @@ from .workflow import load_heldout, load_model
 
 __all__ = [
     "SCHEMA", "Perturbation", "StudyCell", "StudySettings", "Target", "apply_perturbation", "build_sensitivity",
-    "matched_sz3_bound", "noise_seed", "perturbed", "plan_cells", "plan_targets", "plot_heatmap", "run_study",
-    "selection_frequencies", "write_outputs",
+    "matched_sz3_bound", "noise_seed", "perturbed", "plan_cells", "plan_targets", "heatmap_panels", "plot_heatmap", "run_study",
+    "selection_frequencies", "suite_accuracy", "write_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -402,12 +403,19 @@ def run_study(model_name: str, settings: StudySettings, out: Path, command: str 
 # Outputs
 
 
+def suite_accuracy(row: dict) -> float | None:
+    """The mean accuracy over the suite's tasks (the ``*_acc`` metrics) of a row measured with ``--suite``."""
+    accs = [v for k, v in sorted(row.get("suite", {}).items()) if k.endswith("_acc")]
+    return sum(accs) / len(accs) if accs else None
+
+
 def _figures(rows: Sequence[dict]) -> tuple[float, dict[tuple[str, str], dict[str, float]]]:
-    """FP perplexity and ``{(target, perturbation): {"ppl", "delta_ppl", "kl", "shift"}}``."""
+    """FP perplexity and ``{(target, perturbation): {"ppl", "delta_ppl", "kl", "shift"}}``, plus ``"delta_acc"``
+    (suite accuracy of the cell minus FP's, in points of the mean task accuracy) where the suite was run."""
     fp = next((r for r in rows if r["cell"] == FP_CELL), None)
     if fp is None:
         raise SweepError("the results hold no fp cell to measure changes against")
-    fp_ppl = fp[PRIMARY_SOURCE]["ppl"]
+    fp_ppl, fp_acc = fp[PRIMARY_SOURCE]["ppl"], suite_accuracy(fp)
     figures = {}
     for r in rows:
         if r["cell"] == FP_CELL:
@@ -415,6 +423,9 @@ def _figures(rows: Sequence[dict]) -> tuple[float, dict[tuple[str, str], dict[st
         m = r[PRIMARY_SOURCE]
         figures[(r["target"], r["perturbation"])] = {"ppl": m["ppl"], "delta_ppl": m["ppl"] - fp_ppl,
                                                      "kl": m["kl"], "shift": m["shift"]["any"]}
+        acc = suite_accuracy(r)
+        if acc is not None and fp_acc is not None:
+            figures[(r["target"], r["perturbation"])]["delta_acc"] = 100 * (acc - fp_acc)
     return fp_ppl, figures
 
 
@@ -437,7 +448,7 @@ def build_sensitivity(rows: Sequence[dict], counts: Sequence[Sequence[int] | Non
     for i, c in enumerate(counts):
         if c is None:
             layers.append({"layer": i, "moe": False, "score": None, "selection_frequency": None, "kl": {},
-                           "delta_ppl": {}, "experts": None})
+                           "delta_ppl": {}, "delta_acc": {}, "experts": None})
             continue
         mine = {p: f for (t, p), f in figures.items() if t == f"L{i}:all"}
         experts = [{"expert": e, "score": figures[(f"L{i}:E{e}", gptq_label)]["kl"],
@@ -448,6 +459,8 @@ def build_sensitivity(rows: Sequence[dict], counts: Sequence[Sequence[int] | Non
                        "selection_frequency": [n / total if total else 0.0 for n in c],
                        "kl": {p: mine[p]["kl"] for p in _perturbation_order(set(mine))},
                        "delta_ppl": {p: mine[p]["delta_ppl"] for p in _perturbation_order(set(mine))},
+                       "delta_acc": {p: mine[p]["delta_acc"] for p in _perturbation_order(set(mine))
+                                     if "delta_acc" in mine[p]},
                        "experts": experts or None})
     thirds = {}
     for r in rows:
@@ -558,7 +571,7 @@ def write_outputs(rows: Sequence[dict], counts: Sequence[Sequence[int] | None], 
         "selected expert, `topk` its top-k (k = the model's top-k), `all` every expert of the layer, `third:*` every "
         "expert of the first / middle / last third of the MoE layers.", "",
         "## Comparison with the study", "", _third_comparison(doc), "",
-        f"![KL heatmap]({HEATMAP_FILE})", "",
+        f"![heatmaps of KL, ΔPPL and suite accuracy]({HEATMAP_FILE})", "",
         "## KL(FP‖cell) ×1e3, layer by layer", ""]
     groups = [g for g in ("top1", "topk", "all") if any(r.get("group") == g for r in rows)]
     header = ["target", *labels]
@@ -571,62 +584,107 @@ def write_outputs(rows: Sequence[dict], counts: Sequence[Sequence[int] | None], 
     for t in targets:
         lines.append("| " + " | ".join([t, *[f"{figures[(t, lab)]['delta_ppl']:+.4f}" if (t, lab) in figures
                                               else "–" for lab in labels]]) + " |")
+    if any("delta_acc" in f for f in figures.values()):
+        fp_row = next(r for r in rows if r["cell"] == FP_CELL)
+        errs = [v for k, v in sorted(fp_row["suite"].items()) if k.endswith("_acc_stderr")]
+        stderr = 100 * math.sqrt(sum(e * e for e in errs)) / len(errs) if errs else float("nan")
+        lines += ["", "## Suite accuracy change against FP (points)", "",
+                  f"Mean accuracy over the suite tasks ({', '.join(s['suite_tasks'])}; "
+                  f"{s['suite_limit'] or 'all'} items per task); FP {100 * suite_accuracy(fp_row):.2f}%, standard "
+                  f"error of that mean about {stderr:.2f} points, so smaller changes are noise.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for t in targets:
+            lines.append("| " + " | ".join([t, *[f"{figures[(t, lab)]['delta_acc']:+.2f}"
+                                                  if "delta_acc" in figures.get((t, lab), {}) else "–"
+                                                  for lab in labels]]) + " |")
     lines += ["", f"Per-layer and per-expert scores for the quantizer: `{SENSITIVITY_FILE}` (schema in "
               "eacmoe/sensitivity.py). Raw rows: `results.jsonl`, `results.csv`.", ""]
     _write_atomic(out / REPORT_FILE, "\n".join(lines))
     return doc
 
 
-def plot_heatmap(rows: Sequence[dict], path: Path) -> None:
-    """KL (log colour) of layer x perturbation for each target group, the thirds, and layer x expert (gptq)."""
-    import matplotlib
+HEATMAP_METRICS = {  # figure key -> (colour-bar label, worse is larger)
+    "kl": ("KL(FP‖cell), nats per token (log)", True),
+    "delta_ppl": ("ΔPPL against FP", True),
+    "delta_acc": ("Δ suite accuracy, points", False),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
 
+def heatmap_panels(rows: Sequence[dict], metric: str = "kl") -> list[tuple[str, np.ndarray, list[str], list[str]]]:
+    """``(title, grid, column labels, row labels)`` of ``metric`` (a key of :data:`HEATMAP_METRICS`): layer x
+    perturbation for each target group, thirds x perturbation, and layer x expert for per-expert cells; NaN where
+    a cell was not measured."""
     _, figures = _figures(rows)
+
+    def value(key: tuple) -> float:
+        return figures.get(key, {}).get(metric, np.nan)
+
     layer_rows = [r for r in rows if r.get("group") in ("top1", "topk", "all")]
     layers = sorted({int(next(iter(r["experts"]))) for r in layer_rows})
     columns = [(g, p) for g in ("top1", "topk", "all")
                for p in _perturbation_order({r["perturbation"] for r in layer_rows if r["group"] == g})]
     name_of = {(int(next(iter(r["experts"]))), r["group"]): r["target"] for r in layer_rows}
-    grid = np.full((len(layers), len(columns)), np.nan)
-    for i, layer in enumerate(layers):
-        for j, (g, p) in enumerate(columns):
-            f = figures.get((name_of.get((layer, g)), p))
-            grid[i, j] = np.nan if f is None else f["kl"]
+    grid = np.array([[value((name_of.get((layer, g)), p)) for g, p in columns] for layer in layers])
     thirds = [f"third:{t}" for t in THIRDS if any(r.get("target") == f"third:{t}" for r in rows)]
     third_cols = _perturbation_order({p for (t, p) in figures if t in thirds})
-    third_grid = np.array([[figures.get((t, p), {}).get("kl", np.nan) for p in third_cols] for t in thirds])
+    third_grid = np.array([[value((t, p)) for p in third_cols] for t in thirds])
+    panels = [("layer x perturbation", grid.reshape(len(layers), len(columns)), [f"{g} {p}" for g, p in columns],
+               [f"L{x}" for x in layers]),
+              ("thirds x perturbation", third_grid.reshape(len(thirds), len(third_cols)), third_cols,
+               [t.partition(":")[2] for t in thirds])]
     expert_rows = [r for r in rows if r.get("group") == "expert"]
-    panels = [("layer x perturbation", grid, [f"{g} {p}" for g, p in columns], [f"L{x}" for x in layers]),
-              ("thirds x perturbation", third_grid, third_cols, [t.partition(":")[2] for t in thirds])]
     if expert_rows:
         n_exp = 1 + max(int(next(iter(r["experts"].values()))[0]) for r in expert_rows)
         egrid = np.full((len(layers), n_exp), np.nan)
         for r in expert_rows:
             layer, (e,) = next(iter(r["experts"].items()))
-            egrid[layers.index(int(layer)), e] = figures[(r["target"], r["perturbation"])]["kl"]
+            egrid[layers.index(int(layer)), e] = value((r["target"], r["perturbation"]))
         panels.append((f"layer x expert ({expert_rows[0]['perturbation']} of one expert)", egrid,
                        [str(e) for e in range(n_exp)], [f"L{x}" for x in layers]))
-    values = np.concatenate([p[1][np.isfinite(p[1]) & (p[1] > 0)].ravel() for p in panels if p[1].size])
-    norm = LogNorm(vmin=float(values.min()), vmax=float(values.max())) if values.size else None
-    widths = [max(3, 0.45 * max(1, p[1].shape[1] if p[1].ndim == 2 else 1)) for p in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2, 0.45 * max(4, len(layers)) + 2.5),
+    return panels
+
+
+def plot_heatmap(rows: Sequence[dict], path: Path) -> None:
+    """One row of heatmaps per metric measured (KL, log colour; ΔPPL; Δ suite accuracy when the suite ran), each
+    row: layer x perturbation, the thirds, and layer x expert for per-expert GPTQ. Diverging colours are centred
+    on 0 with red for worse than FP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
+    _, figures = _figures(rows)
+    metrics = [m for m in HEATMAP_METRICS if any(m in f for f in figures.values())]
+    rows_of_panels = [heatmap_panels(rows, m) for m in metrics]
+    panels0 = rows_of_panels[0]
+    n_layers = panels0[0][1].shape[0]
+    widths = [max(3, 0.45 * max(1, p[1].shape[1])) for p in panels0]
+    fig, axes = plt.subplots(len(metrics), len(panels0),
+                             figsize=(sum(widths) + 2, len(metrics) * (0.45 * max(4, n_layers) + 2.5)),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
-    image = None
-    for ax, (title, data, xlabels, ylabels) in zip(axes[0], panels):
-        if data.size == 0:
-            ax.set_axis_off()
-            continue
-        shown = np.where(np.isfinite(data) & (data > 0), data, np.nan)
-        image = ax.imshow(shown, aspect="auto", cmap="magma_r", norm=norm, interpolation="nearest")
-        ax.set_xticks(range(len(xlabels)), xlabels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
-        ax.set_title(title, fontsize=9)
-    if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), label="KL(FP‖cell), nats per token", shrink=0.8)
+    for metric, panels, ax_row in zip(metrics, rows_of_panels, axes):
+        label, larger_is_worse = HEATMAP_METRICS[metric]
+        values = np.concatenate([p[1][np.isfinite(p[1])].ravel() for p in panels if p[1].size])
+        if metric == "kl":
+            positive = values[values > 0]
+            norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
+            cmap = "magma_r"
+        else:
+            span = float(np.abs(values).max()) if values.size and np.abs(values).max() > 0 else 1.0
+            norm, cmap = TwoSlopeNorm(0.0, -span, span), "RdBu_r" if larger_is_worse else "RdBu"
+        image = None
+        for ax, (title, data, xlabels, ylabels) in zip(ax_row, panels):
+            if data.size == 0:
+                ax.set_axis_off()
+                continue
+            shown = np.where(np.isfinite(data) & (data > 0), data, np.nan) if metric == "kl" else data
+            image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+            ax.set_xticks(range(len(xlabels)), xlabels, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+            ax.set_title(f"{title}: {metric}", fontsize=9)
+        if image is not None:
+            fig.colorbar(image, ax=ax_row.tolist(), label=label, shrink=0.8)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)

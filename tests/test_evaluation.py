@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from eacmoe import eval as eval_cli
 from eacmoe import evaluation
-from eacmoe.codecs import get_codec, packed_bits
+from eacmoe.codecs import available_cpus, get_codec, packed_bits
 from eacmoe.evaluation import Cell, Method, SweepContext, SweepError, SweepSettings, expert_matrices, run_sweep
 from eacmoe.heldout import heldout_sequences
 from eacmoe.workflow import load_model
@@ -79,6 +79,9 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_dir, tmp_path, monke
     assert sorted(r["cell"] for r in rows) == ["fp", "rtn@2", "rtn@3", "sz3@rel:0.3"]
     report = (out / "REPORT.md").read_text()
     assert all(f"| {c.label} |" in report for c in cells) and (out / "pareto.png").stat().st_size > 0
+    # the codec study times the sz3 cell's bound with 1 and all workers, and draws SZ3's error
+    assert report.count("| sz3 | sz3@rel:0.3 | rel:0.3 |") == (1 if available_cpus() == 1 else 2)
+    assert "![SZ3 error against the Normal model](sz3_error.png)" in report and (out / "sz3_error.png").exists()
 
     # a rerun with all cells done builds nothing; other settings or other weights are refused, file untouched
     calls = _counting(monkeypatch, "rtn")
@@ -215,3 +218,21 @@ def _assert_one_error_line(err: str, message: str) -> None:
     lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0] and message in errors[0], err
+
+
+def test_report_shows_suite_accuracy_with_the_fp_standard_error(tmp_path):
+    settings = {**SETTINGS.as_dict(), "suite_tasks": ["eacmoe_cloze", "eacmoe_nextsent"], "suite_limit": 100}
+
+    def row(cell, method, bpw, cloze, nextsent):
+        return {"cell": cell, "method": method, "target": None, "model": "m", "fingerprint": "f",
+                "settings": settings, "bits": {"bits_per_weight": bpw}, "bits_moved": {"bits_per_weight": bpw},
+                "bundled-test": {"ppl": 50.0, "kl": 0.1, "shift": {"any": 0.1, "half": 0.1, "all": 0.0}},
+                "suite": {"cloze_acc": cloze, "cloze_acc_stderr": 0.016, "nextsent_acc": nextsent,
+                          "nextsent_acc_stderr": 0.024, "nextsent_acc_norm": 0.5}}
+
+    evaluation.write_report([row("fp", "fp", 16.0, 0.12, 0.33), row("gptq@2", "gptq", 2.27, 0.0875, 0.3275)],
+                            tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| cloze_acc % | nextsent_acc % |" in report
+    assert "| 8.8 | 32.8 |" in report  # gptq@2: 8.75 and 32.75 in points
+    assert "(100 items per task, standard error at FP cloze 1.6, nextsent 2.4 points)" in report

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,46 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and str(blocker) in err
     assert not blocker.is_dir() and blocker.read_text() == "x"
+
+
+def _canned_row(cell, target, group, experts, perturbation, ppl, kl, cloze, nextsent, settings):
+    return {"cell": cell, "model": "m", "fingerprint": "f", "settings": settings, "target": target, "group": group,
+            "experts": experts, "perturbation": perturbation,
+            "bundled-test": {"ppl": ppl, "kl": kl, "shift": {"any": 0.0, "half": 0.0, "all": 0.0}},
+            "suite": {"cloze_acc": cloze, "cloze_acc_stderr": 0.03, "nextsent_acc": nextsent,
+                      "nextsent_acc_stderr": 0.04, "nextsent_acc_norm": 0.99}}  # acc_norm: not in the mean
+
+
+def test_suite_accuracy_changes_reach_the_heatmap_the_report_and_the_file(tmp_path):
+    from eacmoe.sensitivity import heatmap_panels, write_outputs
+
+    settings = {**StudySettings(sweep=SweepSettings(suite_tasks=("eacmoe_cloze", "eacmoe_nextsent"),
+                                                     suite_limit=50, eval_seqlen=32, seqlen=32)).as_dict()}
+    rows = [_canned_row("fp", None, "fp", None, None, 40.0, 0.0, 0.20, 0.40, settings)]
+    rows[0]["experts"] = None
+    # two layers x (all, top1) at one noise level, and the thirds: acc change = mean of the two tasks minus FP's
+    accs = {}
+    for layer in (0, 1):
+        for group, experts, drop in (("all", [0, 1], 0.06), ("top1", [1], 0.02)):
+            target = f"L{layer}:{group}"
+            cloze, nextsent = 0.20 - drop * (1 + layer), 0.40 - drop / 2
+            accs[target] = 100 * ((cloze + nextsent) / 2 - 0.30)
+            rows.append(_canned_row(f"{target}|normal@0.3", target, group, {str(layer): experts}, "normal@0.3",
+                                    41.0 + layer, 0.01 * (1 + layer), cloze, nextsent, settings))
+    for third, layer in (("first", 0), ("middle", 1), ("last", 1)):
+        rows.append(_canned_row(f"third:{third}|normal@0.3", f"third:{third}", "third", {str(layer): [0, 1]},
+                                "normal@0.3", 42.0, 0.02, 0.19, 0.41, settings))
+    layer_panel, third_panel = heatmap_panels(rows, "delta_acc")
+    assert layer_panel[2] == ["top1 normal@0.3", "all normal@0.3"] and layer_panel[3] == ["L0", "L1"]
+    expected = [[accs[f"L{layer}:{g}"] for g in ("top1", "all")] for layer in (0, 1)]
+    np.testing.assert_allclose(layer_panel[1], expected, atol=1e-9)
+    np.testing.assert_allclose(third_panel[1], [[0.0]] * 3, atol=1e-9)  # (0.19 + 0.41) / 2 = FP's 0.30
+    np.testing.assert_allclose(heatmap_panels(rows, "delta_ppl")[0][1], [[1.0, 1.0], [2.0, 2.0]])
+
+    doc = write_outputs(rows, [[5, 5], [5, 5]], tmp_path)
+    assert doc["layers"][1]["delta_acc"] == {"normal@0.3": pytest.approx(accs["L1:all"])}
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## Suite accuracy change against FP (points)" in report
+    assert f"| L1:all | {accs['L1:all']:+.2f} |" in report
+    assert "FP 30.00%" in report and "about 2.50 points" in report  # sqrt(3^2 + 4^2) / 2
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
