@@ -662,7 +662,7 @@ def plot_heatmap(rows: Sequence[dict], path: Path) -> None:
     widths = [max(3, 0.45 * max(1, p[1].shape[1])) for p in panels0]
     fig, axes = plt.subplots(len(metrics), len(panels0),
                              figsize=(sum(widths) + 2, len(metrics) * (0.45 * max(4, n_layers) + 2.5)),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+                             gridspec_kw={"width_ratios": widths, "hspace": 0.7}, squeeze=False)
     for metric, panels, ax_row in zip(metrics, rows_of_panels, axes):
         label, larger_is_worse = HEATMAP_METRICS[metric]
         values = np.concatenate([p[1][np.isfinite(p[1])].ravel() for p in panels if p[1].size])

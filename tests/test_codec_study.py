@@ -66,7 +66,9 @@ def test_study_measures_every_bound_at_one_and_all_workers_and_the_error_shape(m
         raise AssertionError("measured again")
 
     monkeypatch.setattr(codec_study, "measure_throughput", no_timing)
+    (tmp_path / "sz3_error.png").unlink()
     assert codec_study.run_codec_study(matrices, bounds, tmp_path, "f00d", all_threads=2) == study
+    assert (tmp_path / "sz3_error.png").exists()  # drawn again
     for args in ((bounds[:1], "f00d", 2), (bounds, "beef", 2), (bounds, "f00d", 3)):
         with pytest.raises(AssertionError, match="measured again"):
             codec_study.run_codec_study(matrices, args[0], tmp_path, args[1], all_threads=args[2])
