@@ -210,6 +210,7 @@ NOT_FIGURE_SCRIPTS = {
     "scripts/train_tiny_moe.py": "training; its own --threads is recorded in training_log.json and the model card",
     "scripts/train_tokenizer.py": "tokenizer training, no torch",
     "scripts/mutation_check.py": "runs the test suite on seeded bugs",
+    "scripts/make_real_shape_slice.py": "writes synthetic checkpoints (seeded random weights), measures nothing",
     "eval/build_tasks.py": "writes the task files",
     "eval/unigram_baseline.py": "counting in numpy, no thread-dependent arithmetic; its row comes from run_suite.py",
 }
