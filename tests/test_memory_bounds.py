@@ -136,3 +136,51 @@ def test_packed_linear_dequantizes_in_the_compute_dtype_in_tiles() -> None:
     m = json.loads(result.stdout)
     assert m["finite"]
     assert m["increase"] < m["weight_bytes"] + 5 * m["tile_bytes"], m
+
+
+_ROUTER_PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from eacmoe.router_calibration import RouterCalibrationConfig, calibrate_router
+    torch.set_num_threads(1)
+    tokens, hidden = int(sys.argv[1]), int(sys.argv[2])
+    g = torch.Generator().manual_seed(0)
+    x_fp = torch.empty(tokens, hidden, dtype=torch.bfloat16).normal_(generator=g)
+    x_q = torch.empty(tokens, hidden, dtype=torch.bfloat16).normal_(generator=g)
+    w = torch.randn(8, hidden, generator=g) * 0.05
+    config = RouterCalibrationConfig(topk=4, steps=2, max_tokens=32768)
+    calibrate_router(w, x_fp[:20000], x_q[:20000], config)  # warm up: allocator, kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    calibrate_router(w, x_fp, x_q, config)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"input_bytes": 2 * x_fp.numel() * 2, "subset_fp32_bytes": 2 * 32768 * hidden * 4,
+                      "increase": (after - before) * 1024}))
+""")
+
+
+def test_router_calibration_subsamples_before_casting() -> None:
+    """Two bf16 router inputs of 262144 tokens x 512 (512 MiB together): the old order cast both whole to fp32
+    (1 GiB more) before keeping 32768 tokens; now only the kept rows are copied and cast (2 x 64 MiB fp32), and
+    the peak grows by well under the inputs' own size."""
+    result = subprocess.run([sys.executable, "-c", _ROUTER_PEAK_SCRIPT, "262144", "512"], capture_output=True,
+                            text=True, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20)))
+    m = json.loads(result.stdout)
+    assert m["increase"] < 0.5 * m["input_bytes"], m
+
+
+def test_router_calibration_never_reads_tokens_outside_its_subset() -> None:
+    """Rows outside the seeded subset of max_tokens may hold anything (here NaN): the result is bit-identical."""
+    from eacmoe.router_calibration import RouterCalibrationConfig, calibrate_router
+
+    g = torch.Generator().manual_seed(1)
+    x_fp = torch.randn(3000, 32, generator=g).bfloat16()
+    x_q = (x_fp.float() @ (torch.eye(32) + 0.05 * torch.randn(32, 32, generator=g))).bfloat16()
+    w = torch.randn(8, 32, generator=g) * 0.2
+    config = RouterCalibrationConfig(topk=4, steps=50, max_tokens=500, seed=3)
+    reference = calibrate_router(w, x_fp, x_q, config)
+    kept = torch.randperm(3000, generator=torch.Generator().manual_seed(3))[:500]
+    outside = torch.ones(3000, dtype=torch.bool)
+    outside[kept] = False
+    x_fp[outside], x_q[outside] = float("nan"), float("nan")
+    result = calibrate_router(w, x_fp, x_q, config)
+    assert reference.best_step > 0 and torch.equal(result.weight, reference.weight)
+    assert result.loss_before == reference.loss_before and result.loss_after == reference.loss_after
