@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig, _expert_token_chunks
@@ -184,3 +185,54 @@ def test_router_calibration_never_reads_tokens_outside_its_subset() -> None:
     result = calibrate_router(w, x_fp, x_q, config)
     assert reference.best_step > 0 and torch.equal(result.weight, reference.weight)
     assert result.loss_before == reference.loss_before and result.loss_after == reference.loss_after
+
+
+def test_fp_layer_copy_is_freed_before_the_experts_are_quantized(monkeypatch) -> None:
+    """QESC keeps an FP copy of the current layer for the FP stream; it is gone (garbage-collected, no reference
+    left) by the time the routed experts, the layer's memory peak, are quantized."""
+    import copy as copy_module
+    import gc
+    import types
+    import weakref
+
+    from eacmoe import pipeline
+
+    copies: list[weakref.ref] = []
+
+    def recording_deepcopy(obj, *args, **kwargs):
+        out = copy_module.deepcopy(obj, *args, **kwargs)
+        copies.append(weakref.ref(out))
+        return out
+
+    alive_at_experts: list[int] = []
+    original = pipeline.LayerwiseQuantizer._quantize_routed_experts
+
+    def checking(self, *args, **kwargs):
+        gc.collect()
+        alive_at_experts.append(sum(ref() is not None for ref in copies))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "copy", types.SimpleNamespace(deepcopy=recording_deepcopy))
+    monkeypatch.setattr(pipeline.LayerwiseQuantizer, "_quantize_routed_experts", checking)
+    model, _ = build("mixtral")
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(expert_bits=[2] * len(model.model.layers), method="qesc", group_size=8, router_steps=3,
+                         batch_size=2)
+    LayerwiseQuantizer(model, cfg).run(ids)
+    assert len(copies) == len(model.model.layers)  # one FP copy per layer ...
+    assert alive_at_experts == [0] * len(model.model.layers)  # ... none of them alive at the experts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantized_codes_leave_the_gpu_as_they_are_produced() -> None:
+    """In memory (--no-lazy) on CUDA every quantized matrix is kept until the export: on the CPU, not the GPU."""
+    model, _ = build("mixtral")
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(expert_bits=[2] * len(model.model.layers), method="qesc", group_size=8, router_steps=3,
+                         batch_size=2)
+    q = LayerwiseQuantizer(model, cfg, device="cuda")
+    q.run(ids)
+    assert q.quantized
+    for name, qw in q.quantized.items():
+        assert {t.device.type for t in (qw.codes, qw.scales, qw.zeros, qw.g_idx)} == {"cpu"}, name
+    assert all(p.device.type == "cpu" for p in model.model.layers.parameters())
