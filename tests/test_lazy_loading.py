@@ -275,3 +275,20 @@ def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.Monke
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         kwargs = {}
     assert_same_state(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(eager_out, **kwargs).state_dict())
+
+
+def test_weight_sample_of_a_real_size_tensor_stays_in_bounds() -> None:
+    """A Qwen3-30B-A3B fused expert tensor has 201,326,592 elements: float32 positions rounded the last one past
+    the end (IndexError at the first real-shape run). 2**25 + 4 elements show the same rounding; the sample ends
+    at the last element. Below 2**24 elements the positions are the float32 ones the saved fingerprints used."""
+    from eacmoe.weight_scan import SAMPLES_PER_TENSOR, _sample
+
+    n = 2**25 + 4
+    assert round(float(torch.tensor(n - 1, dtype=torch.float32))) > n - 1  # the float32 rounding in question
+    big = torch.arange(n, dtype=torch.int32)
+    sample = torch.frombuffer(bytearray(_sample(big)), dtype=torch.int32)
+    assert sample.numel() == SAMPLES_PER_TENSOR and sample[0] == 0 and sample[-1] == n - 1
+    assert bool((sample[1:] > sample[:-1]).all())
+    small = torch.arange(5000, dtype=torch.int32)
+    expected = small[torch.linspace(0, 4999, SAMPLES_PER_TENSOR).round().long()]
+    assert _sample(small) == expected.numpy().tobytes()
