@@ -292,3 +292,31 @@ def test_weight_sample_of_a_real_size_tensor_stays_in_bounds() -> None:
     small = torch.arange(5000, dtype=torch.int32)
     expected = small[torch.linspace(0, 4999, SAMPLES_PER_TENSOR).round().long()]
     assert _sample(small) == expected.numpy().tobytes()
+
+
+def _mapped_files() -> dict[str, int]:
+    """kB of resident pages per mapped .safetensors file of this process (/proc/self/smaps)."""
+    resident: dict[str, int] = {}
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and ":" not in fields[0]:
+            current = fields[5] if len(fields) > 5 and fields[5].endswith(".safetensors") else None
+        elif current and fields[0] == "Rss:":
+            resident[current] = resident.get(current, 0) + int(fields[1])
+    return resident
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_loaded_layers_do_not_keep_the_checkpoint_mapped(name: str, tmp_path: Path) -> None:
+    """Tensors transformers loads unconverted come back from safetensors as views of the mapped shard; the loader
+    copies them, so neither a layer nor the skeleton keeps the file mapped (and its pages resident)."""
+    model, _ = build(name)
+    path = save(model, tmp_path / "ckpt")
+    loader = LayerLoader(path)
+    layer = loader.load(0)
+    tensors = [*layer.parameters(), *layer.buffers(), *loader.model.parameters(), *loader.model.buffers()]
+    assert all(t.is_meta or t.untyped_storage().resizable() for t in tensors)
+    assert not _mapped_files()
+    reference = AutoModelForCausalLM.from_pretrained(path).model.layers[0].state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in layer.state_dict().items())
