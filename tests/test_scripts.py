@@ -204,6 +204,7 @@ def test_refresh_figures_runs_existing_scripts_with_flags_they_accept(tmp_path):
 # ---- reproducible figures: every figure script sets its torch thread count from --threads and records it
 
 FIGURE_SCRIPTS = ["scripts/benchmark_runtime.py", "scripts/deploy_24gb.py", "scripts/measure_memory.py",
+                  "scripts/measure_real_shape_memory.py", "scripts/quantize_peak.py",
                   "scripts/model_card.py", "scripts/pesf_sweep.py", "scripts/qesc_experiments.py",
                   "scripts/router_sweep.py", "eval/run_suite.py"]
 NOT_FIGURE_SCRIPTS = {
