@@ -56,7 +56,7 @@ else
 fi
 
 step "1. CUDA-relevant tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_memory_bounds.py tests/test_packing.py -k "cuda or gpu or tiled or bounded or freed" \
+"$PY" -m pytest -q -p no:cacheprovider tests/test_memory_bounds.py tests/test_packing.py -k "cuda or gpu or tiled or bounded or freed or subsamples" \
   2>&1 | tail -n 5 | tee "$RESULTS/tests.log" | tee -a "$SUMMARY"
 
 step "2. real-shape Mixtral-8x7B layer: build, quantize on $DEVICE ($NSAMPLES x $SEQLEN tokens)"

@@ -275,3 +275,15 @@ def test_tiled_dequantization_is_bit_identical_to_whole_fp32(bits: int, dtype: t
         y = torch.nn.functional.linear(act(gate) * up, w["down_proj"])
         expected.index_add_(0, token, y * weights[token, slot, None])
     assert torch.equal(packed(x, index, weights), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", BITS)
+def test_packed_linear_on_cuda_dequantizes_exactly_as_on_cpu(bits: int) -> None:
+    """The tiled dequantization is elementwise fp32 arithmetic: bit-identical on the GPU (bf16 and fp16)."""
+    from eacmoe.runtime.packed_modules import PackedLinear
+
+    module = PackedLinear.from_quantized(random_qweight(bits, 256, 128, 64, act_order=True, seed=bits))
+    on_gpu = PackedLinear.from_quantized(random_qweight(bits, 256, 128, 64, act_order=True, seed=bits)).cuda()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(on_gpu.dequantized_weight(dtype).cpu(), module.dequantized_weight(dtype))
