@@ -128,6 +128,23 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def own_memory(module: nn.Module, recurse: bool = True) -> None:
+    """Give every tensor of `module` that is a view of a memory-mapped checkpoint file (what safetensors returns for
+    a tensor transformers loads unconverted) a copy of its own. Such a view keeps the whole shard mapped, and every
+    page of it read so far (the experts too, read for fusing) resident and counted in the process's RSS for as long
+    as the module lives: a Qwen3-30B-A3B layer of 1.25 GB held 1.28 GB of file pages besides. A mapped storage is
+    the one that cannot be resized."""
+    with torch.no_grad():
+        for sub in module.modules() if recurse else (module,):
+            for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                if tensor is None or tensor.is_meta or tensor.untyped_storage().resizable():
+                    continue
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.clone()
+                else:
+                    sub._buffers[name] = tensor.clone()
+
+
 def _meta_tensors(module: nn.Module, recurse: bool = True) -> list[str]:
     named = list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
     return [name for name, t in named if t.is_meta]
@@ -196,6 +213,7 @@ class LayerLoader:
         unexpected = self._load_into_model(self._keys_by_layer.get(None, []))
         if unexpected:
             log.debug("checkpoint keys the model does not use: %s", sorted(unexpected))
+        own_memory(self.model)
         self.model.tie_weights()  # a tied lm_head points at the now materialised embedding again
         # What the checkpoint does not hold (rotary inv_freq, non-persistent buffers) is created and initialised
         # the way from_pretrained does it: allocated on CPU, then the model's own _init_weights.
@@ -232,6 +250,7 @@ class LayerLoader:
             self._load_into_model(self._keys_by_layer.get(index, []))
         finally:
             self.layers[index] = placeholder
+        own_memory(layer)
         self._check_complete(index, layer)
         check_finite((f"{self.layers_prefix}.{index}.{n}", p) for n, p in layer.named_parameters())
         return layer.eval()

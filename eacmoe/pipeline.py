@@ -343,7 +343,9 @@ class LayerwiseQuantizer:
             result = solver.quantize(weight, spec)
             qw = result.qweight
             report.gptq_loss[name] = float(result.loss)
-        self.quantized[name] = qw
+        # the codes leave the compute device as soon as they exist: in memory (--no-lazy) every layer's codes are
+        # kept until the export, which on a GPU would add up to the whole quantized model (~45 GB for Mixtral-8x7B)
+        self.quantized[name] = qw.to("cpu")
         self.quantized_shapes[name] = QuantizedShape(*qw.codes.shape, qw.bits, qw.group_size)
         return qw.dequantize().to(weight.dtype)
 
@@ -404,6 +406,7 @@ class LayerwiseQuantizer:
         needs_data = cfg.method != "rtn"
         needs_fp = cfg.method in ("qesc", "qesc-mse")
         fp_layer = copy.deepcopy(layer) if needs_fp else None
+        fp_seconds = 0.0
         prefix = f"layers.{index}"
 
         def run_stream():
@@ -448,6 +451,11 @@ class LayerwiseQuantizer:
                                  "loss_after": result.loss_after, "best_step": result.best_step}
                 del router_input_fp
             report.seconds["router"] = time.perf_counter() - t0
+            if needs_fp:  # the FP copy's last use: advance its stream now, so it is freed before the experts
+                t0 = time.perf_counter()
+                fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)
+                fp_layer = None
+                fp_seconds = time.perf_counter() - t0
 
             t0 = time.perf_counter()
             shared_groups = adapter.shared_experts(block)
@@ -473,10 +481,10 @@ class LayerwiseQuantizer:
         t0 = time.perf_counter()
         if needs_data:
             q_stream = run_layer(layer, q_stream, layer_kwargs, cfg.batch_size, device)
-        if needs_fp:
+        if fp_layer is not None:  # a dense layer (no router): the FP stream advances here
             fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)
-        report.seconds["advance"] = time.perf_counter() - t0
-        del fp_layer
+            fp_layer = None
+        report.seconds["advance"] = time.perf_counter() - t0 + fp_seconds
         return fp_stream, q_stream, report, layer.to("cpu")
 
     # -- progress (resume) ----------------------------------------------------------------------------

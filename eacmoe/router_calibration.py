@@ -151,19 +151,20 @@ def calibrate_router(router_weight_fp: torch.Tensor, router_input_fp: torch.Tens
         raise ValueError(f"router calibration K={config.topk} must be between 1 and the number of experts ({num_experts})")
     device = router_weight_fp.device
     w_fp = router_weight_fp.detach().float()
-    x_fp = router_input_fp.to(device=device, dtype=torch.float32)
-    x_q = router_input_q.to(device=device, dtype=torch.float32)
+    # The seeded subset first, before any cast or copy: only max_tokens rows are ever converted to fp32 or moved to
+    # the router's device (Mixtral-8x7B at 128 x 2048 tokens: 2 x 4 GiB of fp32 the old order cast first).
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(router_input_q.shape[0], generator=generator)[: config.max_tokens]
+    x_fp = router_input_fp[order.to(router_input_fp.device)].to(device=device, dtype=torch.float32)
+    x_q = router_input_q[order.to(router_input_q.device)].to(device=device, dtype=torch.float32)
     with torch.no_grad():
         target = x_fp @ w_fp.T
         ranking = target if selection_scores is None else selection_scores(target)
         target_index = ranking.topk(config.topk, dim=-1).indices
 
-    n_tokens = x_q.shape[0]
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(n_tokens, generator=generator).to(device)[: config.max_tokens]
     n_tokens = order.numel()
     n_holdout = int(n_tokens * config.holdout_fraction) if n_tokens >= 10 else 0
-    hold, train = order[:n_holdout], order[n_holdout:]
+    hold, train = slice(0, n_holdout), slice(n_holdout, n_tokens)  # the rows are already in the seeded order
     if n_holdout == 0:  # too few tokens to hold any out: select on the training loss
         hold = train
     hidden = x_q.shape[-1]

@@ -67,7 +67,10 @@ def _config_digest(config) -> bytes:
 def _sample(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > SAMPLES_PER_TENSOR:
-        flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR).round().long()]
+        # float32 positions (the fingerprints already written) while they are exact; beyond 2**24 elements (a
+        # Mixtral-8x7B or Qwen3-30B-A3B fused expert tensor) float32 rounds the last position past the end
+        dtype = torch.float32 if flat.numel() <= 2**24 else torch.float64
+        flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLES_PER_TENSOR, dtype=dtype).round().long()]
     return flat.contiguous().view(torch.uint8).numpy().tobytes()
 
 

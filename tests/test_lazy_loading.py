@@ -275,3 +275,48 @@ def test_lazy_job_equals_in_memory_job(tmp_path: Path, monkeypatch: pytest.Monke
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         kwargs = {}
     assert_same_state(loaded.state_dict(), AutoModelForCausalLM.from_pretrained(eager_out, **kwargs).state_dict())
+
+
+def test_weight_sample_of_a_real_size_tensor_stays_in_bounds() -> None:
+    """A Qwen3-30B-A3B fused expert tensor has 201,326,592 elements: float32 positions rounded the last one past
+    the end (IndexError at the first real-shape run). 2**25 + 4 elements show the same rounding; the sample ends
+    at the last element. Below 2**24 elements the positions are the float32 ones the saved fingerprints used."""
+    from eacmoe.weight_scan import SAMPLES_PER_TENSOR, _sample
+
+    n = 2**25 + 4
+    assert round(float(torch.tensor(n - 1, dtype=torch.float32))) > n - 1  # the float32 rounding in question
+    big = torch.arange(n, dtype=torch.int32)
+    sample = torch.frombuffer(bytearray(_sample(big)), dtype=torch.int32)
+    assert sample.numel() == SAMPLES_PER_TENSOR and sample[0] == 0 and sample[-1] == n - 1
+    assert bool((sample[1:] > sample[:-1]).all())
+    small = torch.arange(5000, dtype=torch.int32)
+    expected = small[torch.linspace(0, 4999, SAMPLES_PER_TENSOR).round().long()]
+    assert _sample(small) == expected.numpy().tobytes()
+
+
+def _mapped_files() -> dict[str, int]:
+    """kB of resident pages per mapped .safetensors file of this process (/proc/self/smaps)."""
+    resident: dict[str, int] = {}
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and ":" not in fields[0]:
+            current = fields[5] if len(fields) > 5 and fields[5].endswith(".safetensors") else None
+        elif current and fields[0] == "Rss:":
+            resident[current] = resident.get(current, 0) + int(fields[1])
+    return resident
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_loaded_layers_do_not_keep_the_checkpoint_mapped(name: str, tmp_path: Path) -> None:
+    """Tensors transformers loads unconverted come back from safetensors as views of the mapped shard; the loader
+    copies them, so neither a layer nor the skeleton keeps the file mapped (and its pages resident)."""
+    model, _ = build(name)
+    path = save(model, tmp_path / "ckpt")
+    loader = LayerLoader(path)
+    layer = loader.load(0)
+    tensors = [*layer.parameters(), *layer.buffers(), *loader.model.parameters(), *loader.model.buffers()]
+    assert all(t.is_meta or t.untyped_storage().resizable() for t in tensors)
+    assert not _mapped_files()
+    reference = AutoModelForCausalLM.from_pretrained(path).model.layers[0].state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in layer.state_dict().items())

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig, _expert_token_chunks
@@ -98,3 +100,139 @@ def test_add_batch_peak_memory_does_not_grow_with_tokens() -> None:
     measured = json.loads(result.stdout)
     assert measured["input_bytes"] == 256 * 1024**2
     assert measured["peak_increase_bytes"] < 3 * measured["chunk_bytes"], measured
+
+
+_PACKED_PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from eacmoe.runtime import packed_modules
+    from eacmoe.runtime.packed_modules import PackedLinear
+    torch.set_num_threads(1)
+    size = int(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    def module(n):
+        m = PackedLinear(n, n, bits=2, group_size=128)
+        m.qweight.copy_(torch.randint(-2**31, 2**31 - 1, m.qweight.shape, generator=g, dtype=torch.int32))
+        m.qzeros.copy_(torch.randint(-2**31, 2**31 - 1, m.qzeros.shape, generator=g, dtype=torch.int32))
+        m.scales.copy_(torch.full(m.scales.shape, 0.01, dtype=torch.float16).view(torch.int16))
+        return m
+    small, big = module(256), module(size)
+    small(torch.randn(4, 256).bfloat16())  # warm up: allocator, kernels
+    x = torch.randn(4, size).bfloat16()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    y = big(x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"weight_bytes": size * size * 2, "increase": (after - before) * 1024,
+                      "tile_bytes": packed_modules.TILE_BYTES, "finite": bool(torch.isfinite(y).all())}))
+""")
+
+
+def test_packed_linear_dequantizes_in_the_compute_dtype_in_tiles() -> None:
+    """A bf16 forward of an 8192 x 8192 2-bit PackedLinear: the old path built the whole weight in fp32 several
+    times (codes, zeros, scales, product, transpose: > 1.3 GB); tiled, the peak grows by the bf16 weight
+    (128 MiB) plus a few 16 MiB tile-sized temporaries (bound: 5)."""
+    # a fixed mmap threshold: freed tiles go back to the kernel at once instead of piling up in malloc's heap
+    # (glibc's adaptive threshold otherwise makes the reading vary between runs by a few tiles)
+    result = subprocess.run([sys.executable, "-c", _PACKED_PEAK_SCRIPT, "8192"], capture_output=True, text=True,
+                            check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20)))
+    m = json.loads(result.stdout)
+    assert m["finite"]
+    assert m["increase"] < m["weight_bytes"] + 5 * m["tile_bytes"], m
+
+
+_ROUTER_PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    from eacmoe.router_calibration import RouterCalibrationConfig, calibrate_router
+    torch.set_num_threads(1)
+    tokens, hidden = int(sys.argv[1]), int(sys.argv[2])
+    g = torch.Generator().manual_seed(0)
+    x_fp = torch.empty(tokens, hidden, dtype=torch.bfloat16).normal_(generator=g)
+    x_q = torch.empty(tokens, hidden, dtype=torch.bfloat16).normal_(generator=g)
+    w = torch.randn(8, hidden, generator=g) * 0.05
+    config = RouterCalibrationConfig(topk=4, steps=2, max_tokens=32768)
+    calibrate_router(w, x_fp[:20000], x_q[:20000], config)  # warm up: allocator, kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    calibrate_router(w, x_fp, x_q, config)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"input_bytes": 2 * x_fp.numel() * 2, "subset_fp32_bytes": 2 * 32768 * hidden * 4,
+                      "increase": (after - before) * 1024}))
+""")
+
+
+def test_router_calibration_subsamples_before_casting() -> None:
+    """Two bf16 router inputs of 262144 tokens x 512 (512 MiB together): the old order cast both whole to fp32
+    (1 GiB more) before keeping 32768 tokens; now only the kept rows are copied and cast (2 x 64 MiB fp32), and
+    the peak grows by well under the inputs' own size."""
+    result = subprocess.run([sys.executable, "-c", _ROUTER_PEAK_SCRIPT, "262144", "512"], capture_output=True,
+                            text=True, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20)))
+    m = json.loads(result.stdout)
+    assert m["increase"] < 0.5 * m["input_bytes"], m
+
+
+def test_router_calibration_never_reads_tokens_outside_its_subset() -> None:
+    """Rows outside the seeded subset of max_tokens may hold anything (here NaN): the result is bit-identical."""
+    from eacmoe.router_calibration import RouterCalibrationConfig, calibrate_router
+
+    g = torch.Generator().manual_seed(1)
+    x_fp = torch.randn(3000, 32, generator=g).bfloat16()
+    x_q = (x_fp.float() @ (torch.eye(32) + 0.05 * torch.randn(32, 32, generator=g))).bfloat16()
+    w = torch.randn(8, 32, generator=g) * 0.2
+    config = RouterCalibrationConfig(topk=4, steps=50, max_tokens=500, seed=3)
+    reference = calibrate_router(w, x_fp, x_q, config)
+    kept = torch.randperm(3000, generator=torch.Generator().manual_seed(3))[:500]
+    outside = torch.ones(3000, dtype=torch.bool)
+    outside[kept] = False
+    x_fp[outside], x_q[outside] = float("nan"), float("nan")
+    result = calibrate_router(w, x_fp, x_q, config)
+    assert reference.best_step > 0 and torch.equal(result.weight, reference.weight)
+    assert result.loss_before == reference.loss_before and result.loss_after == reference.loss_after
+
+
+def test_fp_layer_copy_is_freed_before_the_experts_are_quantized(monkeypatch) -> None:
+    """QESC keeps an FP copy of the current layer for the FP stream; it is gone (garbage-collected, no reference
+    left) by the time the routed experts, the layer's memory peak, are quantized."""
+    import copy as copy_module
+    import gc
+    import types
+    import weakref
+
+    from eacmoe import pipeline
+
+    copies: list[weakref.ref] = []
+
+    def recording_deepcopy(obj, *args, **kwargs):
+        out = copy_module.deepcopy(obj, *args, **kwargs)
+        copies.append(weakref.ref(out))
+        return out
+
+    alive_at_experts: list[int] = []
+    original = pipeline.LayerwiseQuantizer._quantize_routed_experts
+
+    def checking(self, *args, **kwargs):
+        gc.collect()
+        alive_at_experts.append(sum(ref() is not None for ref in copies))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "copy", types.SimpleNamespace(deepcopy=recording_deepcopy))
+    monkeypatch.setattr(pipeline.LayerwiseQuantizer, "_quantize_routed_experts", checking)
+    model, _ = build("mixtral")
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(expert_bits=[2] * len(model.model.layers), method="qesc", group_size=8, router_steps=3,
+                         batch_size=2)
+    LayerwiseQuantizer(model, cfg).run(ids)
+    assert len(copies) == len(model.model.layers)  # one FP copy per layer ...
+    assert alive_at_experts == [0] * len(model.model.layers)  # ... none of them alive at the experts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantized_codes_leave_the_gpu_as_they_are_produced() -> None:
+    """In memory (--no-lazy) on CUDA every quantized matrix is kept until the export: on the CPU, not the GPU."""
+    model, _ = build("mixtral")
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantizeConfig(expert_bits=[2] * len(model.model.layers), method="qesc", group_size=8, router_steps=3,
+                         batch_size=2)
+    q = LayerwiseQuantizer(model, cfg, device="cuda")
+    q.run(ids)
+    assert q.quantized
+    for name, qw in q.quantized.items():
+        assert {t.device.type for t in (qw.codes, qw.scales, qw.zeros, qw.g_idx)} == {"cpu"}, name
+    assert all(p.device.type == "cpu" for p in model.model.layers.parameters())

@@ -239,3 +239,51 @@ def test_gptqmodel_dequantizes_our_tensors(gptqmodel_api, bits, in_f, out_f, gs,
 
 def test_gptqmodel_import_does_not_leak_into_the_session(gptqmodel_api):
     assert leaked_hf_cache_vars() == []
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tiled_dequantization_is_bit_identical_to_whole_fp32(bits: int, dtype: torch.dtype, monkeypatch) -> None:
+    """Tiles of 32 input features (a partial last tile: K = 160 = 5 x 32, tile 64 -> 64, 64, 32) computed in fp32
+    and cast give exactly ``QuantizedWeight.dequantize().to(dtype)`` (the whole fp32 matrix, then the cast), also
+    with an act-order g_idx; PackedExperts, dequantizing into the halves of one gate_up matrix, gives exactly the
+    eager loop over those weights."""
+    from eacmoe.runtime import packed_modules
+    from eacmoe.runtime.packed_modules import PackedExperts, PackedLinear
+
+    qw = random_qweight(bits, 160, 64, 32, act_order=True, seed=bits)
+    module = PackedLinear.from_quantized(qw)
+    monkeypatch.setattr(packed_modules, "TILE_BYTES", 64 * 4 * 64)
+    assert module.tile_rows() == 64
+    assert torch.equal(module.dequantized_weight(dtype), qw.dequantize().to(dtype))
+
+    hidden, inter, experts = 64, 96, 3
+    qws = {e: {"gate_proj": random_qweight(bits, hidden, inter, 32, seed=10 * e + 1),
+               "up_proj": random_qweight(bits, hidden, inter, 32, seed=10 * e + 2),
+               "down_proj": random_qweight(bits, inter, hidden, 32, seed=10 * e + 3)} for e in range(experts)}
+    act = torch.nn.SiLU()
+    packed = PackedExperts.from_quantized(qws, act)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, hidden, generator=g).to(dtype)
+    index = torch.tensor([[0, 2], [1, 0], [2, 3], [0, 1], [2, 1], [3, 3], [1, 2]])  # 3 = a dropped slot
+    weights = torch.rand(7, 2, generator=g).to(dtype)
+    expected = torch.zeros_like(x)
+    for e in range(experts):  # the old path: whole fp32 dequantization, cast, concatenated gate and up
+        slot, token = torch.where(index.T == e)
+        w = {p: qws[e][p].dequantize().to(dtype) for p in qws[e]}
+        gate, up = torch.nn.functional.linear(x[token], torch.cat([w["gate_proj"], w["up_proj"]])).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act(gate) * up, w["down_proj"])
+        expected.index_add_(0, token, y * weights[token, slot, None])
+    assert torch.equal(packed(x, index, weights), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", BITS)
+def test_packed_linear_on_cuda_dequantizes_exactly_as_on_cpu(bits: int) -> None:
+    """The tiled dequantization is elementwise fp32 arithmetic: bit-identical on the GPU (bf16 and fp16)."""
+    from eacmoe.runtime.packed_modules import PackedLinear
+
+    module = PackedLinear.from_quantized(random_qweight(bits, 256, 128, 64, act_order=True, seed=bits))
+    on_gpu = PackedLinear.from_quantized(random_qweight(bits, 256, 128, 64, act_order=True, seed=bits)).cuda()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(on_gpu.dequantized_weight(dtype).cpu(), module.dequantized_weight(dtype))

@@ -204,12 +204,14 @@ def test_refresh_figures_runs_existing_scripts_with_flags_they_accept(tmp_path):
 # ---- reproducible figures: every figure script sets its torch thread count from --threads and records it
 
 FIGURE_SCRIPTS = ["scripts/benchmark_runtime.py", "scripts/deploy_24gb.py", "scripts/measure_memory.py",
+                  "scripts/measure_real_shape_memory.py", "scripts/quantize_peak.py",
                   "scripts/model_card.py", "scripts/pesf_sweep.py", "scripts/qesc_experiments.py",
                   "scripts/router_sweep.py", "eval/run_suite.py"]
 NOT_FIGURE_SCRIPTS = {
     "scripts/train_tiny_moe.py": "training; its own --threads is recorded in training_log.json and the model card",
     "scripts/train_tokenizer.py": "tokenizer training, no torch",
     "scripts/mutation_check.py": "runs the test suite on seeded bugs",
+    "scripts/make_real_shape_slice.py": "writes synthetic checkpoints (seeded random weights), measures nothing",
     "eval/build_tasks.py": "writes the task files",
     "eval/unigram_baseline.py": "counting in numpy, no thread-dependent arithmetic; its row comes from run_suite.py",
 }

@@ -11,6 +11,12 @@ Tensors follow the GPTQ convention (``qweight``/``qzeros``/``scales``/``g_idx`` 
 dequantized weight is computed with exactly the fp32 arithmetic of ``QuantizedWeight.dequantize``, so a packed
 model reproduces the in-memory quantized model it came from.
 
+Memory: a weight is dequantized straight into a tensor of the compute dtype, a tile of input features at a time
+(each tile computed in fp32 and cast, which rounds exactly as casting the whole fp32 matrix would: the fp32 product
+of a small integer and an fp16 scale is exact). The transient is that one weight in the compute dtype plus a few
+tile-sized temporaries (``TILE_BYTES`` each: unpacking, gathered zeros and scales), instead of five whole fp32 matrices (codes, zeros, scales, product, transpose:
+about 1.2 GB per Mixtral-8x7B expert matrix).
+
 This file is copied into exported checkpoints: it imports only torch and the other copied files.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ except ImportError:  # the installed eacmoe package
 __all__ = ["EXPERT_PROJS", "PackedExperts", "PackedLinear", "replace_module"]
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+TILE_BYTES = 16 * 2**20  # fp32 bytes of one dequantization tile (rows of input features, a multiple of 32)
 
 
 class PackedLinear(nn.Module):
@@ -65,15 +72,36 @@ class PackedLinear(nn.Module):
             module.bias.data.copy_(bias)
         return module
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The ``[out, in]`` weight ``(code - zero) * scale`` in fp32 (the arithmetic of
-        ``QuantizedWeight.dequantize``, so bit-identical to it), then cast to ``dtype``."""
-        codes = unpack_rows(self.qweight, self.bits, self.in_features)  # [K, N]
-        zeros = unpack_cols(self.qzeros, self.bits, self.out_features)  # [G, N]
+    def tile_rows(self) -> int:
+        """Input features dequantized at a time: a multiple of 32 (whole packed words for every bit width)."""
+        return max(32, TILE_BYTES // (4 * self.out_features) // 32 * 32)
+
+    def dequantize_into(self, out: Tensor) -> Tensor:
+        """Write the ``[out, in]`` weight ``(code - zero) * scale`` into ``out`` (any float dtype, e.g. a slice of a
+        larger matrix), one tile of input features at a time; each tile in fp32 (the arithmetic of
+        ``QuantizedWeight.dequantize``) and then cast, so the result is bit-identical to dequantizing the whole
+        matrix in fp32 and casting it."""
+        if out.shape != (self.out_features, self.in_features):
+            raise ValueError(f"out must be [{self.out_features}, {self.in_features}], got {tuple(out.shape)}")
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features).float()  # [G, N]
         scales = self.scales.view(torch.float16).float()  # [G, N]
         group = self.g_idx.long()
-        weight_t = (codes.float() - zeros[group].float()) * scales[group]  # [K, N]
-        return weight_t.T.contiguous().to(dtype)  # contiguous [N, K]: the same matmul as an nn.Linear weight
+        step = self.tile_rows()
+        for k0 in range(0, self.in_features, step):
+            k1 = min(k0 + step, self.in_features)
+            words = self.qweight[k0 * self.bits // 32: -(-k1 * self.bits // 32)]
+            tile = unpack_rows(words, self.bits, k1 - k0).float()  # [tile, N]
+            g = group[k0:k1]
+            tile.sub_(zeros[g]).mul_(scales[g])  # (code - zero) * scale, the same two fp32 roundings
+            out[:, k0:k1].copy_(tile.T)
+            del tile
+        return out
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The ``[out, in]`` weight in ``dtype``, contiguous (the same matmul as an nn.Linear weight); bit-identical
+        to ``QuantizedWeight.dequantize().to(dtype)`` (see :meth:`dequantize_into`)."""
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
+        return self.dequantize_into(out)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
@@ -139,8 +167,11 @@ class PackedExperts(nn.Module):
             slot, token_idx = torch.where(top_k_index.T == e)  # eager's order: by slot, then token
             expert = self.expert(e)
             x = hidden_states[token_idx]
-            # gate and up as one matmul, like the fused eager path, so the results agree bit for bit
-            gate_up = torch.cat([expert.gate_proj.dequantized_weight(x.dtype), expert.up_proj.dequantized_weight(x.dtype)])
+            # gate and up as one matmul, like the fused eager path, so the results agree bit for bit; dequantized
+            # straight into the halves of one matrix of the compute dtype (no fp32 copy, no concatenation)
+            gate_up = x.new_empty(2 * self.intermediate_size, self.hidden_size)
+            expert.gate_proj.dequantize_into(gate_up[: self.intermediate_size])
+            expert.up_proj.dequantize_into(gate_up[self.intermediate_size:])
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             y = F.linear(self.act_fn(gate) * up, expert.down_proj.dequantized_weight(x.dtype))
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
