@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, dequantize_codes, fit_grid, quantize_to_codes
+from .grid import QuantizedWeight, QuantSpec, fit_grid
 
 __all__ = ["GPTQ", "GPTQResult", "MAX_DAMP_PERCENT", "proxy_loss"]
 
@@ -244,14 +244,22 @@ class GPTQ:
         zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=self.device)
         losses = torch.zeros(rows, cols, dtype=torch.float32, device=self.device)
         scale = zero = None
+        maxq = (1 << bits) - 1
 
+        # The column loop is Python-bound on small and mid-size matrices (one column of a few hundred rows per
+        # step), so each step issues as few torch calls as possible: the block is held transposed (a column is a
+        # contiguous row), the arithmetic is in place, and codes / errors / losses are gathered per block. Every
+        # value is computed by the same fp32 operations in the same order as quantize_to_codes /
+        # dequantize_codes and the textbook loop, so the result is bit for bit the same.
         bs = spec.block_size
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros(rows, count, dtype=torch.float32, device=self.device)
+            W1T = W[:, i1:i2].T.contiguous()           # [count, rows]: column i of the block is W1T[i]
             U1 = U[i1:i2, i1:i2]
+            diag = torch.diagonal(U1).tolist()         # exact fp32 values as Python floats
+            block_codes: list[torch.Tensor] = []
+            errs: list[torch.Tensor] = []
             for i in range(count):
                 j = i1 + i
                 if j % gs == 0:
@@ -259,9 +267,9 @@ class GPTQ:
                     if exact_group_grids and i > 0:
                         # In-block columns already carry this block's updates; later blocks receive them only
                         # lazily, so apply the pending part here.
-                        part = W1[:, i : min(i + gs, count)]
+                        part = W1T[i : min(i + gs, count)].T
                         if g_end > i2:
-                            tail = W[:, i2:g_end] - Err1[:, :i] @ U[i1:j, i2:g_end]
+                            tail = W[:, i2:g_end] - torch.stack(errs, dim=1) @ U[i1:j, i2:g_end]
                             part = torch.cat([part, tail], dim=1)
                     else:
                         # Reference behaviour: W holds the weights as of this block's start.
@@ -269,17 +277,22 @@ class GPTQ:
                     scale, zero = fit_grid(part, bits, spec.sym, spec.scale_dtype)
                     scales[:, j // gs] = scale
                     zeros[:, j // gs] = zero
-                w = W1[:, i]
-                code = quantize_to_codes(w, scale, zero, bits)
-                q = dequantize_codes(code, scale, zero)
-                codes[:, j] = code
-                d = U1[i, i]
-                err = (w - q) / d
-                losses[:, j] = err.square() / 2
+                w = W1T[i]
+                code = w / scale                       # clamp(round(w / scale) + zero, 0, maxq)
+                code.round_().add_(zero).clamp_(0, maxq)
+                err = code - zero                      # q = (code - zero) * scale; err = (w - q) / d
+                err.mul_(scale)
+                torch.sub(w, err, out=err)
+                err.div_(diag[i])
+                block_codes.append(code)
+                errs.append(err)
                 # OBS update w_F -= (w_i - q_i) / [H^-1]_ii * H^-1[i, F], written with the Cholesky row
                 # U[i] = H_F^-1[i, :] / sqrt([H_F^-1]_ii) of the still-unquantized columns F.
-                W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)
-                Err1[:, i] = err
+                if i + 1 < count:
+                    W1T[i + 1 :].sub_(U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0))
+            Err1 = torch.stack(errs, dim=1)            # [rows, count]
+            codes[:, i1:i2] = torch.stack(block_codes, dim=1)
+            losses[:, i1:i2] = Err1.square() / 2
             # Lazy batch update of all later blocks at once (one matmul instead of `count` rank-1 updates).
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
