@@ -100,6 +100,9 @@ class GPTQ:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
         self._nsamples = 0
+        # (act_order, damp_percent) -> (perm, dead, U, damp, damp_frac) of the current Hessian: a solver shared by
+        # matrices with the same input (an expert's gate and up projections) factorises once.
+        self._factor: tuple[tuple[bool, float], tuple] | None = None
 
     @classmethod
     def from_hessian(
@@ -112,6 +115,7 @@ class GPTQ:
             raise ValueError(f"nsamples must be >= 1, got {nsamples}")
         solver = cls(hessian.shape[0], device=device if device is not None else hessian.device)
         solver._H = hessian.detach().to(solver.device, torch.float32, copy=True)
+        solver._factor = None
         solver._nsamples = int(nsamples)
         return solver
 
@@ -143,6 +147,7 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
+        self._factor = None  # the Hessian changes: a cached factorisation no longer applies
         total = self._nsamples + m
         # Rescale the old mean instead of summing then dividing: keeps H at O(|x|^2) for any n (fp32-safe).
         self._H.mul_(self._nsamples / total)
@@ -196,6 +201,32 @@ class GPTQ:
             )
             frac = next_frac
 
+    def _factorisation(self, act_order: bool, damp_percent: float) -> tuple:
+        """``(perm, dead, U, damp, damp_frac)`` of the current Hessian for these settings; computed once and kept
+        until the Hessian changes (``add_batch``), so that a second matrix with the same input reuses it."""
+        key = (act_order, damp_percent)
+        if self._factor is not None and self._factor[0] == key:
+            return self._factor[1]
+        if not bool(torch.isfinite(self._H).all()):
+            raise ValueError("GPTQ: the Hessian contains NaN or inf")
+        H = self._H.clone()
+        # Columns that never saw a non-zero input cannot affect the output: pin them to 0, and give H a unit
+        # pivot there so the factorisation does not depend on the damping for them.
+        dead = torch.diagonal(H) == 0
+        if bool(dead.any()):
+            H[dead, dead] = 1.0
+        else:
+            dead = None
+        perm = None
+        if act_order:
+            # stable=True: ties in the diagonal must not make the result run-dependent.
+            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            H = H[perm][:, perm]
+        U, damp, damp_frac = self._inverse_factor(H, damp_percent)
+        del H
+        self._factor = (key, (perm, dead, U, damp, damp_frac))
+        return self._factor[1]
+
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, *, exact_group_grids: bool = False) -> GPTQResult:
         """Quantize ``weight`` ``[rows, columns]`` with GPTQ under ``spec``.
@@ -212,32 +243,17 @@ class GPTQ:
             raise ValueError(f"weight must be [rows, {self.columns}], got shape {tuple(weight.shape)}")
         if self._nsamples == 0:
             raise ValueError("GPTQ: no calibration samples were added (nsamples == 0)")
-        if not bool(torch.isfinite(self._H).all()):
-            raise ValueError("GPTQ: the Hessian contains NaN or inf")
         rows, cols = weight.shape
         gs = spec.effective_group_size(cols)
         n_groups = cols // gs
         bits = spec.bits
 
         W = weight.detach().to(self.device, torch.float32, copy=True)
-        H = self._H.clone()
-
-        # Columns that never saw a non-zero input cannot affect the output: pin them to 0, and give H a unit
-        # pivot there so the factorisation does not depend on the damping for them.
-        dead = torch.diagonal(H) == 0
-        if bool(dead.any()):
-            H[dead, dead] = 1.0
+        perm, dead, U, damp, damp_frac = self._factorisation(bool(spec.act_order), float(spec.damp_percent))
+        if dead is not None:
             W[:, dead] = 0.0
-
-        perm = None
-        if spec.act_order:
-            # stable=True: ties in the diagonal must not make the result run-dependent.
-            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        if perm is not None:
             W = W[:, perm]
-            H = H[perm][:, perm]
-
-        U, damp, damp_frac = self._inverse_factor(H, spec.damp_percent)
-        del H
 
         codes = torch.zeros(rows, cols, dtype=torch.float32, device=self.device)
         scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=self.device)
