@@ -317,6 +317,21 @@ def settings_table(rows: list[dict]) -> str:
     return "\n".join(["| method | settings |", "|---|---|", *(f"| {m} | {s} |" for m, s in seen.items())])
 
 
+def merge_results(results: list[dict]) -> dict:
+    """Several runs' results as one: rows concatenated, sources and versions united, every command kept (the
+    settings that make rows comparable, calibration and held-out windows, must agree)."""
+    first = results[0]["meta"]
+    for other in results[1:]:
+        for key in ("calib", "nsamples", "seqlen", "seed", "eval_samples", "eval_seqlen", "damp", "threads"):
+            if other["meta"][key] != first[key]:
+                raise SystemExit(f"error: --from-json: runs differ in {key} ({first[key]} vs {other['meta'][key]})")
+    meta = {**first, "command": "; ".join(f"`{r['meta']['command']}`" for r in results).strip("`"),
+            "machine": "; ".join(dict.fromkeys(r["meta"]["machine"] for r in results)),
+            "versions": {k: v for r in results for k, v in r["meta"]["versions"].items()}}
+    sources = list(dict.fromkeys(s for r in results for s in r["sources"]))
+    return {"meta": meta, "sources": sources, "rows": [row for r in results for row in r["rows"]]}
+
+
 def write_markdown(path: Path, result: dict) -> None:
     rows, sources = result["rows"], result["sources"]
     meta = result["meta"]
@@ -728,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="/tmp/bench_peers", help="exports and logs (outside the repository)")
     p.add_argument("--json", default=None, help="write every row and the settings as JSON here")
     p.add_argument("--markdown", default=None, help="write the table as Markdown here")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: merge these --json results (e.g. one run per model) into --markdown / --json")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # internal: the child modes
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -746,6 +763,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.worker:
         WORKERS[args.worker](args)
+        return 0
+    if args.from_json:
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        if args.markdown:
+            write_markdown(Path(args.markdown), result)
+        print(markdown_table(result["rows"], result["sources"]))
         return 0
     for flag in ("nsamples", "seqlen", "eval_samples", "eval_seqlen", "repeats", "threads"):
         if getattr(args, flag) < 1:

@@ -134,3 +134,19 @@ def test_peak_rss_and_cpu_time_are_the_childs_own(tmp_path):
     assert small_peak < 100 * 2**20
     assert 300 * 2**20 < peak < small_peak + 340 * 2**20
     assert cpu >= 0.3 and wall >= cpu * 0.5
+
+
+def test_merged_runs_keep_every_row_and_command_and_refuse_other_settings(bp):
+    meta = {"command": "python scripts/bench_peers.py --models a", "machine": "2 cores", "calib": "bundled",
+            "nsamples": 128, "seqlen": 256, "seed": 0, "eval_samples": 16, "eval_seqlen": 256, "damp": 0.01,
+            "threads": 1, "versions": {"torch": "2.13.0"}}
+    a = {"meta": meta, "sources": ["bundled-test"], "rows": canned_rows()[:2]}
+    b = {"meta": {**meta, "command": "python scripts/bench_peers.py --models b", "versions": {"llmcompressor": "0.14"}},
+         "sources": ["bundled-test", "wikitext2"], "rows": canned_rows()[3:]}
+    merged = bp.merge_results([a, b])
+    assert merged["rows"] == canned_rows()[:2] + canned_rows()[3:]
+    assert merged["sources"] == ["bundled-test", "wikitext2"]
+    assert "--models a" in merged["meta"]["command"] and "--models b" in merged["meta"]["command"]
+    assert merged["meta"]["versions"] == {"torch": "2.13.0", "llmcompressor": "0.14"}
+    with pytest.raises(SystemExit, match="nsamples"):
+        bp.merge_results([a, {**b, "meta": {**b["meta"], "nsamples": 16}}])
