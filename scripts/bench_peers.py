@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -616,8 +617,15 @@ def _read_json(path: Path) -> dict:
 
 def _quantize_once(bench: Bench, method: Method, job: Job, base: Path, repeat: int) -> dict:
     job.out_dir = str(base / f"{method.name}-{repeat}")
-    shutil.rmtree(job.out_dir, ignore_errors=True)
+    record = base / f"{method.name}-{repeat}.run.json"
     command = method.command(job)
+    if bench.args.reuse_runs:
+        recorded = _read_json(record)
+        if recorded.get("command") == shlex.join(command) and recorded.get("returncode") == 0:
+            log.info("%s %s %s run %d: reusing the recorded run %s", job.model, job.scheme.name, method.name,
+                     repeat + 1, record)
+            return recorded
+    shutil.rmtree(job.out_dir, ignore_errors=True)
     log.info("%s %s %s run %d: %s", job.model, job.scheme.name, method.name, repeat + 1, shlex.join(command))
     result = run_measured(command, base / f"{method.name}-{repeat}.log", child_env(job.threads), bench.args.timeout)
     info = _read_json(Path(job.out_dir) / "bench_peers.json")
@@ -632,6 +640,7 @@ def _quantize_once(bench: Bench, method: Method, job: Job, base: Path, repeat: i
            "command": shlex.join(command)}
     if result.returncode != 0:
         run["error"] = error_line(result.log_tail)
+    record.write_text(json.dumps(run) + "\n")
     return run
 
 
@@ -697,12 +706,14 @@ def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
                 row["error"] = run["error"]
                 log.warning("  %s failed: %s", name, run["error"])
     fp_row: dict[str, Any] | None = None
-    for name in args.methods:
+    done = [name for name in args.methods if "error" not in rows[name]]
+    with ThreadPoolExecutor(max_workers=args.eval_jobs) as pool:  # evaluations measure no time: may overlap
+        evaluated = dict(zip(done, pool.map(
+            lambda name: _evaluate(bench, METHODS[name], jobs[name], base, model_dir, heldout_file), done)))
+    for name in done:
         row = rows[name]
-        if "error" in row:
-            continue
         row.update(summarize_runs(row["runs"]))
-        row.update(_evaluate(bench, METHODS[name], jobs[name], base, model_dir, heldout_file))
+        row.update(evaluated[name])
         if fp_row is None and row.get("fp_eval"):
             fp_row = {"model": row["model"], "scheme": scheme.name, "method": "fp", "settings": "no quantization",
                       "eval": row["fp_eval"]}
@@ -736,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=256, help="tokens per held-out window")
     p.add_argument("--repeats", type=int, default=2, help="quantization runs per method (timing spread)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of every child")
+    p.add_argument("--eval-jobs", type=int, default=1,
+                   help="evaluations run at once (they are not timed; the quantization runs always run alone)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="keep a method's recorded run (<work-dir>/.../<method>-<n>.run.json, same command, "
+                        "succeeded) instead of quantizing again; the table then shows the recorded time and peak")
     p.add_argument("--suite", action="store_true", help="also run the lm-eval suite on each export (slow)")
     p.add_argument("--suite-limit", type=float, default=None, help="lm-eval --limit for --suite")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a child is killed (its row fails)")
@@ -772,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_markdown(Path(args.markdown), result)
         print(markdown_table(result["rows"], result["sources"]))
         return 0
-    for flag in ("nsamples", "seqlen", "eval_samples", "eval_seqlen", "repeats", "threads"):
+    for flag in ("nsamples", "seqlen", "eval_samples", "eval_seqlen", "repeats", "threads", "eval_jobs"):
         if getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2

@@ -101,9 +101,17 @@ def test_a_failed_peer_gives_a_row_with_its_error_line(bp, tmp_path):
     method = bp.Method("broken-peer", "eacmoe", lambda job: [sys.executable, "-c", crash], lambda job: "-")
     job = bp.Job(model="m", model_dir=str(tmp_path), scheme=bp.Scheme("w2g64", 2, 64), calib_file="", out_dir="",
                  threads=1, nsamples=1, seqlen=2, calib="bundled", seed=0, damp_percent=0.01, llmc_python="")
-    bench = bp.Bench(argparse.Namespace(timeout=60), tmp_path)
+    bench = bp.Bench(argparse.Namespace(timeout=60, reuse_runs=True), tmp_path)
     run = bp._quantize_once(bench, method, job, tmp_path, 0)
     assert run["returncode"] == 3 and run["error"] == "ImportError: peer needs CUDA"
+    assert bp._quantize_once(bench, method, job, tmp_path, 0)["returncode"] == 3  # a failed run is never reused
+    # a recorded successful run of the same command is reused (the child is not run again); another command is not
+    recorded = {**run, "returncode": 0, "seconds": 1.5}
+    recorded.pop("error")
+    (tmp_path / "broken-peer-0.run.json").write_text(json.dumps(recorded))
+    assert bp._quantize_once(bench, method, job, tmp_path, 0) == recorded
+    (tmp_path / "broken-peer-0.run.json").write_text(json.dumps({**recorded, "command": "other"}))
+    assert bp._quantize_once(bench, method, job, tmp_path, 0)["returncode"] == 3
     row = {"model": "m", "scheme": "w2g64", "method": "broken-peer", "error": run["error"]}
     assert "failed: ImportError: peer needs CUDA" in bp.markdown_table([row], ["bundled-test"])
 
