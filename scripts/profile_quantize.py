@@ -103,7 +103,7 @@ def stages(stats: pstats.Stats) -> list[tuple[str, float]]:
          experts - hessian_experts - matrix_experts),
         ("expert input capture (forward up to the MoE block)", capture),
         ("router calibration (QESC)", router),
-        ("advance both streams through the layer", advance),
+        ("advance the stream(s) through the quantized layer (qesc: also the FP one)", advance),
         ("rest of each layer (FP copy, routing, attention bookkeeping)",
          layers - attention - experts - capture - router - advance),
         ("progress checkpoint per layer (for --resume)", run - layers),
