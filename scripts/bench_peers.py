@@ -722,6 +722,26 @@ def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
     bench.rows.extend(rows.values())
 
 
+def measure_baselines(args) -> list[tuple[str, Measured]]:
+    """Peak RSS and CPU of each method's stack doing nothing but import itself and load the first model in fp32:
+    the floor under every peak of the table."""
+    model_dir = _resolve_model(args.models[0])
+    load = (f"import torch; from transformers import AutoModelForCausalLM as A; "
+            f"A.from_pretrained({model_dir!r}, dtype=torch.float32)")
+    cases = [("eacmoe (main venv)", sys.executable, "import eacmoe.quantize"),
+             ("gptqmodel (main venv)", sys.executable, "import gptqmodel")]
+    llmc_python, llmc_error = ensure_llmc_venv(Path(args.llmc_venv), Path(args.work_dir) / "llmc-venv.log")
+    if llmc_python:
+        cases.append(("llmcompressor (its venv)", llmc_python, "import llmcompressor"))
+    else:
+        log.warning("llm-compressor baseline skipped: %s", llmc_error)
+    out = []
+    for label, python, imports in cases:
+        out.append((label, run_measured([python, "-c", f"{imports}; {load}"],
+                                        Path(args.work_dir) / f"baseline-{len(out)}.log", child_env(args.threads))))
+    return out
+
+
 def machine_line(threads: int) -> str:
     try:
         load = os.getloadavg()[0]
@@ -761,6 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="write the table as Markdown here")
     p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these --json results (e.g. one run per model) into --markdown / --json")
+    p.add_argument("--baselines", action="store_true",
+                   help="measure nothing else: the peak RSS of each stack importing itself and loading the first "
+                        "--models model in fp32 (the floor under the table's peaks)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # internal: the child modes
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -787,6 +810,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.markdown:
             write_markdown(Path(args.markdown), result)
         print(markdown_table(result["rows"], result["sources"]))
+        return 0
+    if args.baselines:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        print("| stack | import + load peak RSS GB | CPU s |\n|---|---:|---:|")
+        for label, m in measure_baselines(args):
+            print(f"| {label} | {m.peak_rss_bytes / 1e9:.2f} | {m.cpu_seconds:.1f} |" if m.returncode == 0 else
+                  f"| {label} | failed: {error_line(m.log_tail)} | - |")
         return 0
     for flag in ("nsamples", "seqlen", "eval_samples", "eval_seqlen", "repeats", "threads", "eval_jobs"):
         if getattr(args, flag) < 1:
