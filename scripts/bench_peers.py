@@ -405,6 +405,10 @@ def worker_gptqmodel(args) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     torch.set_num_threads(args.threads)
+    out_dir, calib_file = Path(args.out_dir).resolve(), Path(args.calib_file).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.chdir(out_dir.parent)  # GPTQModel writes logs/ into the working directory: keep it beside the export
+    args.out_dir, args.calib_file = str(out_dir), str(calib_file)
     if args.preset == "default":
         qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size)
         batch = 1
