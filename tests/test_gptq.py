@@ -318,3 +318,33 @@ def test_low_precision_weight_input():
     assert res.dequantize().dtype == torch.float32
     assert torch.equal(w, w_before)
     _assert_on_grid(res.qweight)
+
+
+def _equal_results(a, b) -> bool:
+    return (all(torch.equal(getattr(a.qweight, k), getattr(b.qweight, k)) for k in ("codes", "scales", "zeros", "g_idx"))
+            and a.loss == b.loss and a.damp == b.damp)
+
+
+def test_factorisation_is_shared_by_matrices_of_one_input_and_dropped_when_the_hessian_changes(monkeypatch):
+    # An expert's gate and up projections share one solver: the damped Cholesky is computed once per setting and
+    # gives what fresh solvers give; more inputs (add_batch) or another damping / act-order refactorise.
+    x, more = _correlated_inputs(300, 48, seed=5), _correlated_inputs(100, 48, seed=6)
+    gate, up = _weight(12, 48, seed=2), _weight(20, 48, seed=3)
+    spec = QuantSpec(bits=2, group_size=16, block_size=32)
+    calls = []
+    original = GPTQ._inverse_factor
+    monkeypatch.setattr(GPTQ, "_inverse_factor", lambda self, H, d: calls.append(d) or original(self, H, d))
+    shared = _solver(x)
+    assert _equal_results(shared.quantize(gate, spec), _solver(x).quantize(gate, spec))
+    assert _equal_results(shared.quantize(up, spec), _solver(x).quantize(up, spec))
+    assert len(calls) == 3  # shared: once for both; the two fresh solvers: once each
+    for other in (QuantSpec(bits=2, group_size=16, block_size=32, damp_percent=0.1),   # another damping
+                  QuantSpec(bits=2, group_size=16, block_size=32, act_order=True)):   # act-order
+        assert _equal_results(shared.quantize(up, other), _solver(x).quantize(up, other))
+    assert len(calls) == 7
+    shared.add_batch(more)
+    grown = _solver(x)
+    grown.add_batch(more)  # the same two batches: the same fp32 Hessian
+    last = QuantSpec(bits=2, group_size=16, block_size=32, act_order=True)  # the setting cached before add_batch
+    assert _equal_results(shared.quantize(up, last), grown.quantize(up, last))
+    assert not _equal_results(grown.quantize(up, last), _solver(x).quantize(up, last))  # the new inputs matter

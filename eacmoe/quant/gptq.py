@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, dequantize_codes, fit_grid, quantize_to_codes
+from .grid import QuantizedWeight, QuantSpec, fit_grid
 
 __all__ = ["GPTQ", "GPTQResult", "MAX_DAMP_PERCENT", "proxy_loss"]
 
@@ -100,6 +100,9 @@ class GPTQ:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
         self._nsamples = 0
+        # (act_order, damp_percent) -> (perm, dead, U, damp, damp_frac) of the current Hessian: a solver shared by
+        # matrices with the same input (an expert's gate and up projections) factorises once.
+        self._factor: tuple[tuple[bool, float], tuple] | None = None
 
     @classmethod
     def from_hessian(
@@ -112,6 +115,7 @@ class GPTQ:
             raise ValueError(f"nsamples must be >= 1, got {nsamples}")
         solver = cls(hessian.shape[0], device=device if device is not None else hessian.device)
         solver._H = hessian.detach().to(solver.device, torch.float32, copy=True)
+        solver._factor = None
         solver._nsamples = int(nsamples)
         return solver
 
@@ -143,6 +147,7 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
+        self._factor = None  # the Hessian changes: a cached factorisation no longer applies
         total = self._nsamples + m
         # Rescale the old mean instead of summing then dividing: keeps H at O(|x|^2) for any n (fp32-safe).
         self._H.mul_(self._nsamples / total)
@@ -196,6 +201,32 @@ class GPTQ:
             )
             frac = next_frac
 
+    def _factorisation(self, act_order: bool, damp_percent: float) -> tuple:
+        """``(perm, dead, U, damp, damp_frac)`` of the current Hessian for these settings; computed once and kept
+        until the Hessian changes (``add_batch``), so that a second matrix with the same input reuses it."""
+        key = (act_order, damp_percent)
+        if self._factor is not None and self._factor[0] == key:
+            return self._factor[1]
+        if not bool(torch.isfinite(self._H).all()):
+            raise ValueError("GPTQ: the Hessian contains NaN or inf")
+        H = self._H.clone()
+        # Columns that never saw a non-zero input cannot affect the output: pin them to 0, and give H a unit
+        # pivot there so the factorisation does not depend on the damping for them.
+        dead = torch.diagonal(H) == 0
+        if bool(dead.any()):
+            H[dead, dead] = 1.0
+        else:
+            dead = None
+        perm = None
+        if act_order:
+            # stable=True: ties in the diagonal must not make the result run-dependent.
+            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            H = H[perm][:, perm]
+        U, damp, damp_frac = self._inverse_factor(H, damp_percent)
+        del H
+        self._factor = (key, (perm, dead, U, damp, damp_frac))
+        return self._factor[1]
+
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, *, exact_group_grids: bool = False) -> GPTQResult:
         """Quantize ``weight`` ``[rows, columns]`` with GPTQ under ``spec``.
@@ -212,46 +243,39 @@ class GPTQ:
             raise ValueError(f"weight must be [rows, {self.columns}], got shape {tuple(weight.shape)}")
         if self._nsamples == 0:
             raise ValueError("GPTQ: no calibration samples were added (nsamples == 0)")
-        if not bool(torch.isfinite(self._H).all()):
-            raise ValueError("GPTQ: the Hessian contains NaN or inf")
         rows, cols = weight.shape
         gs = spec.effective_group_size(cols)
         n_groups = cols // gs
         bits = spec.bits
 
         W = weight.detach().to(self.device, torch.float32, copy=True)
-        H = self._H.clone()
-
-        # Columns that never saw a non-zero input cannot affect the output: pin them to 0, and give H a unit
-        # pivot there so the factorisation does not depend on the damping for them.
-        dead = torch.diagonal(H) == 0
-        if bool(dead.any()):
-            H[dead, dead] = 1.0
+        perm, dead, U, damp, damp_frac = self._factorisation(bool(spec.act_order), float(spec.damp_percent))
+        if dead is not None:
             W[:, dead] = 0.0
-
-        perm = None
-        if spec.act_order:
-            # stable=True: ties in the diagonal must not make the result run-dependent.
-            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        if perm is not None:
             W = W[:, perm]
-            H = H[perm][:, perm]
-
-        U, damp, damp_frac = self._inverse_factor(H, spec.damp_percent)
-        del H
 
         codes = torch.zeros(rows, cols, dtype=torch.float32, device=self.device)
         scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=self.device)
         zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=self.device)
         losses = torch.zeros(rows, cols, dtype=torch.float32, device=self.device)
         scale = zero = None
+        maxq = (1 << bits) - 1
 
+        # The column loop is Python-bound on small and mid-size matrices (one column of a few hundred rows per
+        # step), so each step issues as few torch calls as possible: the block is held transposed (a column is a
+        # contiguous row), the arithmetic is in place, and codes / errors / losses are gathered per block. Every
+        # value is computed by the same fp32 operations in the same order as quantize_to_codes /
+        # dequantize_codes and the textbook loop, so the result is bit for bit the same.
         bs = spec.block_size
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros(rows, count, dtype=torch.float32, device=self.device)
+            W1T = W[:, i1:i2].T.contiguous()           # [count, rows]: column i of the block is W1T[i]
             U1 = U[i1:i2, i1:i2]
+            diag = torch.diagonal(U1).tolist()         # exact fp32 values as Python floats
+            block_codes: list[torch.Tensor] = []
+            errs: list[torch.Tensor] = []
             for i in range(count):
                 j = i1 + i
                 if j % gs == 0:
@@ -259,9 +283,9 @@ class GPTQ:
                     if exact_group_grids and i > 0:
                         # In-block columns already carry this block's updates; later blocks receive them only
                         # lazily, so apply the pending part here.
-                        part = W1[:, i : min(i + gs, count)]
+                        part = W1T[i : min(i + gs, count)].T
                         if g_end > i2:
-                            tail = W[:, i2:g_end] - Err1[:, :i] @ U[i1:j, i2:g_end]
+                            tail = W[:, i2:g_end] - torch.stack(errs, dim=1) @ U[i1:j, i2:g_end]
                             part = torch.cat([part, tail], dim=1)
                     else:
                         # Reference behaviour: W holds the weights as of this block's start.
@@ -269,17 +293,22 @@ class GPTQ:
                     scale, zero = fit_grid(part, bits, spec.sym, spec.scale_dtype)
                     scales[:, j // gs] = scale
                     zeros[:, j // gs] = zero
-                w = W1[:, i]
-                code = quantize_to_codes(w, scale, zero, bits)
-                q = dequantize_codes(code, scale, zero)
-                codes[:, j] = code
-                d = U1[i, i]
-                err = (w - q) / d
-                losses[:, j] = err.square() / 2
+                w = W1T[i]
+                code = w / scale                       # clamp(round(w / scale) + zero, 0, maxq)
+                code.round_().add_(zero).clamp_(0, maxq)
+                err = code - zero                      # q = (code - zero) * scale; err = (w - q) / d
+                err.mul_(scale)
+                torch.sub(w, err, out=err)
+                err.div_(diag[i])
+                block_codes.append(code)
+                errs.append(err)
                 # OBS update w_F -= (w_i - q_i) / [H^-1]_ii * H^-1[i, F], written with the Cholesky row
                 # U[i] = H_F^-1[i, :] / sqrt([H_F^-1]_ii) of the still-unquantized columns F.
-                W1[:, i + 1 :] -= err.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)
-                Err1[:, i] = err
+                if i + 1 < count:
+                    W1T[i + 1 :].sub_(U1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0))
+            Err1 = torch.stack(errs, dim=1)            # [rows, count]
+            codes[:, i1:i2] = torch.stack(block_codes, dim=1)
+            losses[:, i1:i2] = Err1.square() / 2
             # Lazy batch update of all later blocks at once (one matmul instead of `count` rank-1 updates).
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 

@@ -1,0 +1,102 @@
+"""The GPTQ solver against an earlier version of itself: identical output, CPU time per matrix.
+
+    python scripts/bench_gptq_solver.py --baseline 686b395 --threads 1
+
+The baseline's ``eacmoe/quant/gptq.py`` is read from git (``git show <commit>:eacmoe/quant/gptq.py``) and imported
+beside the current one. For each shape both solvers get the same Hessian (of correlated random inputs) and weight;
+codes, scales, zeros, g_idx and loss must be identical (both grid timings), else the script stops with an error.
+Times are CPU seconds (``time.process_time``), best of --repeats, for one matrix on a fresh solver (factorisation
+included) and for a pair of matrices on one solver (an expert's gate and up projections share their input).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# (rows, columns, group size, bits, act_order, sym): the bundled models' shapes, then larger ones
+SHAPES = [(256, 256, 64, 2, False, False), (128, 256, 64, 2, False, False), (256, 256, 128, 4, False, False),
+          (64, 256, 64, 2, False, False), (512, 256, 64, 2, True, True), (256, 512, 32, 3, False, True),
+          (1024, 1024, 128, 4, False, False), (2048, 512, 64, 3, True, False)]
+
+
+def load_baseline(commit: str):
+    source = subprocess.run(["git", "show", f"{commit}:eacmoe/quant/gptq.py"], cwd=REPO, capture_output=True,
+                            text=True)
+    if source.returncode != 0:
+        raise SystemExit(f"error: --baseline {commit}: {source.stderr.strip()}")
+    path = Path(f"/tmp/eacmoe_gptq_{commit}.py")
+    path.write_text(source.stdout.replace("from .grid import", "from eacmoe.quant.grid import"))
+    spec = importlib.util.spec_from_file_location(f"eacmoe_gptq_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.GPTQ
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", default="686b395", help="git commit of the solver to compare against")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (the best is kept)")
+    args = p.parse_args()
+    import torch
+
+    from eacmoe.quant import GPTQ, QuantSpec
+
+    torch.set_num_threads(args.threads)
+    Old = load_baseline(args.baseline)
+    g = torch.Generator().manual_seed(0)
+    print(f"baseline {args.baseline} vs working tree, {torch.get_num_threads()} thread(s), CPU ms, best of "
+          f"{args.repeats}\n")
+    print("| rows x cols | group | bits | act-order | sym | one matrix: before | after | x | gate+up pair: before "
+          "| after | x |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for rows, cols, gs, bits, act, sym in SHAPES:
+        mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g)
+        x = torch.randn(4 * cols, cols, generator=g) @ mix
+        w, w2 = (torch.randn(rows, cols, generator=g) * 0.05 for _ in range(2))
+        spec = QuantSpec(bits=bits, group_size=gs, act_order=act, sym=sym)
+        ref = GPTQ(cols)
+        ref.add_batch(x)
+        H, n = ref.H.clone(), ref.nsamples
+        for exact in (False, True):
+            a = Old.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
+            b = GPTQ.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
+            same = all(torch.equal(getattr(a.qweight, k), getattr(b.qweight, k))
+                       for k in ("codes", "scales", "zeros", "g_idx")) and a.loss == b.loss
+            if not same:
+                raise SystemExit(f"error: results differ at {rows}x{cols} group {gs} bits {bits} act {act} "
+                                 f"exact_group_grids {exact}")
+
+        def pair(cls):
+            solver = cls.from_hessian(H, n)
+            solver.quantize(w, spec)
+            solver.quantize(w2, spec)
+
+        old1 = best(lambda: Old.from_hessian(H, n).quantize(w, spec), args.repeats)
+        new1 = best(lambda: GPTQ.from_hessian(H, n).quantize(w, spec), args.repeats)
+        old2, new2 = best(lambda: pair(Old), args.repeats), best(lambda: pair(GPTQ), args.repeats)
+        print(f"| {rows} x {cols} | {gs} | {bits} | {act} | {sym} | {old1 * 1e3:.1f} | {new1 * 1e3:.1f} | "
+              f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} |")
+    print("\nresults identical (codes, scales, zeros, g_idx, loss; both grid timings) for every shape")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
