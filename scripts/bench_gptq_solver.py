@@ -49,12 +49,14 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    from eacmoe.threads import add_threads_argument
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="686b395", help="git commit of the solver to compare against")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (the best is kept)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import torch
 
     from eacmoe.quant import GPTQ, QuantSpec

@@ -45,6 +45,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eacmoe.threads import add_threads_argument  # noqa: E402 - imports no torch: the parent only measures children
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 log = logging.getLogger("bench_peers")
@@ -770,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=32, help="held-out windows per source")
     p.add_argument("--eval-seqlen", type=int, default=256, help="tokens per held-out window")
     p.add_argument("--repeats", type=int, default=2, help="quantization runs per method (timing spread)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of every child")
+    add_threads_argument(p)  # of every child
     p.add_argument("--eval-jobs", type=int, default=1,
                    help="evaluations run at once (they are not timed; the quantization runs always run alone)")
     p.add_argument("--reuse-runs", action="store_true",

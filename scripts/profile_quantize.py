@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from eacmoe.threads import add_threads_argument  # noqa: E402
 
 CHILD = """
 import cProfile, runpy, sys, time
@@ -125,15 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, _, forwarded = (argv[: argv.index("--")], None, argv[argv.index("--") + 1:]) if "--" in argv else (argv, None, [])
     p = argparse.ArgumentParser(prog="python scripts/profile_quantize.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the profiled run (default: 1)")
+    add_threads_argument(p)  # of the profiled run
     p.add_argument("--markdown", default=None, help="append the stage table to this file")
     p.add_argument("--json", default=None, help="write the stages as JSON here")
     p.add_argument("--stats", default=None, help="keep the raw cProfile stats here (default: a temporary file)")
     args = p.parse_args(ours)
     if not forwarded:
         p.error("give the eacmoe.quantize arguments after --")
-    if args.threads < 1:
-        p.error("--threads must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="profile_quantize-"))
     stats_path = Path(args.stats) if args.stats else work / "quantize.prof"
     quantize_argv = [*forwarded, "--threads", str(args.threads), "--out", str(work / "out"), "--overwrite"]
