@@ -293,6 +293,37 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+def variant_table(rows: list[dict]) -> list[str]:
+    """Paired differences of the new options: `qesc+weighted − qesc` (the same bits), `gptq+weighted − gptq`, and
+    `auto:B − B` (the same method, the allocated schedule against the paper's)."""
+    ppl, kl = PAIRED[2][1], PAIRED[1][1]
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    lines = ["Paired differences of the new options (same model, setting and calibration seed; mean ± sd over seeds):",
+             "", "| model | setting | comparison | n | Δ test ppl | Δ KL ×1e3 | Δ oracle ppl |", "|---|---|---|---|---|---|---|"]
+    found: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in rows:
+        k = r["key"]
+        if k["method"] == "fp":
+            continue
+        twins = []
+        base, _, hessian = k["method"].partition("+")
+        if hessian:
+            twins.append(({**k, "method": base}, f"{k['bits']}: {k['method']} − {base}"))
+        if str(k["bits"]).startswith("auto:"):
+            twins.append(({**k, "bits": k["bits"].removeprefix("auto:")},
+                          f"{k['method']}: {k['bits']} − {k['bits'].removeprefix('auto:')} (paper schedule)"))
+        for twin_key, label in twins:
+            twin = by_key.get(json.dumps(twin_key, sort_keys=True))
+            if twin is not None:
+                found.setdefault((k["model"], k["setting"], label), []).append((r, twin))
+    for (model, setting, label), pairs in sorted(found.items()):
+        oracle = [a["bundled-test"]["ppl"]["q/fp"] - b["bundled-test"]["ppl"]["q/fp"] for a, b in pairs]
+        lines.append(f"| {model} | {setting} | {label} | {len(pairs)} | "
+                     f"{_mean_spread([ppl(a) - ppl(b) for a, b in pairs], 3)} | "
+                     f"{_mean_spread([kl(a) - kl(b) for a, b in pairs], 2)} | {_mean_spread(oracle, 3)} |")
+    return lines
+
+
 def load_rows(results_path: Path) -> list[dict]:
     """The rows of results.jsonl, one per key: when two processes sharing the file computed the same key (e.g. a
     model's FP row), the later row wins."""
@@ -319,7 +350,8 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
              "model with the FP model's routing forced; shift = share of tokens whose top-k set changed against the FP "
              "model (any / at least half / all of the k), averaged over MoE layers. `qesc-experts+fp-router` = the QESC "
              "model with its routers reset to FP (same quantized experts).", "",
-             *summary_table(rows, groups), "", *gap_table(rows, groups), "",
+             *summary_table(rows, groups), "",
+             "Share of GPTQ's perplexity gap to FP that each method closes, paired by seed: [GAP.md](GAP.md).", "",
              "All columns:", "",
              "| model | setting | bits | avg bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
@@ -348,6 +380,7 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
     lines += ["", "![shift and KL per method](shift.png)", "",
               "![shift per layer](shift_per_layer.png)", ""]
     md_path.write_text("\n".join(lines) + "\n")
+    md_path.with_name("GAP.md").write_text("\n".join([*gap_table(rows, groups), "", *variant_table(rows), ""]) + "\n")
     plot_shift(groups, md_path.with_name("shift.png"))
     plot_shift_per_layer(groups, md_path.with_name("shift_per_layer.png"))
 
