@@ -269,7 +269,8 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
              "Δ KL = method − GPTQ paired):", "",
              "| model | setting | bits | method | n | test ppl | gap closed % | KL ×1e3 | Δ KL ×1e3 | oracle ppl |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    cells = sorted({(m, s, b) for (m, s, b, method) in groups if method == "gptq"},
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    cells = sorted({(m, s, b) for (m, s, b, method) in groups if method != "fp"},
                    key=lambda c: (c[0], c[1], _bits_rank(c[2])))
     for model, setting, bits in cells:
         fp = groups.get((model, "fp", "16", "fp"), [])
@@ -279,14 +280,18 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
         lines.append(f"| {model} | {setting} | {bits} | FP | 1 | {fp_ppl:.2f} | 100 | 0 | – | – |")
         methods = sorted({method for (m, s, b, method) in groups if (m, s, b) == (model, setting, bits)},
                          key=_method_rank)
+        # GPTQ at the same bits; for auto:B without its own GPTQ rows, GPTQ with the paper's B schedule
+        gptq_bits = bits if (model, setting, bits, "gptq") in groups else bits.removeprefix("auto:")
         for method in methods:
             runs = groups[(model, setting, bits, method)]
-            pairs = _pairs(rows, runs, "gptq")
+            pairs = [(r, g) for r in runs if (g := by_key.get(json.dumps(
+                {**r["key"], "method": "gptq", "bits": gptq_bits}, sort_keys=True))) is not None]
             if not pairs or method == "rtn":
                 continue
             closed = [100 * (ppl(g) - ppl(r)) / (ppl(g) - fp_ppl) for r, g in pairs]
             oracle = [r["bundled-test"]["ppl"]["q/fp"] for r in runs]
-            lines.append(f"| {model} | {setting} | {bits} | {method} | {len(pairs)} | "
+            label = method if gptq_bits == bits else f"{method} (vs GPTQ at {gptq_bits})"
+            lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | "
                          f"{_mean_spread([ppl(r) for r, _ in pairs], 2)} | {_mean_spread(closed, 1)} | "
                          f"{_mean_spread([kl(r) for r, _ in pairs], 2)} | "
                          f"{_mean_spread([kl(r) - kl(g) for r, g in pairs], 2)} | {_mean_spread(oracle, 2)} |")
