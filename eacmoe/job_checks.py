@@ -19,7 +19,16 @@ from torch import nn
 
 from . import output_dir
 from .adapters import get_adapter
+from .bit_allocation import (
+    AllocationError,
+    allocation_from_sensitivities,
+    is_auto_bits,
+    layer_expert_params,
+    parse_auto_budget,
+    read_sensitivity_file,
+)
 from .assets import BUNDLED_MODELS, resolve_model
+from .expert_hessian import EXPERT_HESSIANS
 from .export import EXPORT_FORMATS, is_packed_export
 from .lazy_loading import build_skeleton
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
@@ -54,10 +63,29 @@ def check_job(job) -> JobPaths:
     _check_choices(job)
     parse_device(job.device)
     check_model_source(job.model)
+    _check_auto_bits(job)
     paths = check_output(job)
     for warning in ineffective_flags(job):
         log.warning("%s", warning)
     return paths
+
+
+def _check_auto_bits(job) -> None:
+    """`--bits auto:B` (B in range) and `--sensitivity` (an existing file, only with auto bits; RTN needs it)."""
+    auto = is_auto_bits(job.bits)
+    if auto:
+        try:
+            parse_auto_budget(job.bits)
+        except AllocationError as exc:
+            raise JobError(str(exc)) from exc
+    sensitivity = getattr(job, "sensitivity", None)
+    if sensitivity is not None:
+        if not auto:
+            raise JobError(f"--sensitivity is only used with --bits auto:B (got --bits {job.bits})")
+        if not Path(sensitivity).expanduser().is_file():
+            raise JobError(f"--sensitivity {sensitivity}: no such file")
+    elif auto and job.method == "rtn":
+        raise JobError("--bits auto:B with --method rtn needs --sensitivity (the in-run proxy needs calibration data)")
 
 
 def _is_int(value) -> bool:
@@ -89,7 +117,8 @@ def _check_numbers(job) -> None:
 
 def _check_choices(job) -> None:
     choices = {"method": METHODS, "format": EXPORT_FORMATS, "router_solver": ROUTER_SOLVERS,
-               "sparse_expert_policy": SPARSE_EXPERT_POLICIES, "dtype": tuple(DTYPES)}
+               "sparse_expert_policy": SPARSE_EXPERT_POLICIES, "dtype": tuple(DTYPES),
+               "expert_hessian": tuple(EXPERT_HESSIANS)}
     for name, allowed in choices.items():
         if getattr(job, name) not in allowed:
             raise JobError(f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(job, name)!r})")
@@ -131,7 +160,7 @@ def check_model_source(name: str) -> None:
 
 
 def default_out(job) -> Path:
-    return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{job.bits}"
+    return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{str(job.bits).replace(':', '')}"
 
 
 def check_output(job) -> JobPaths:
@@ -178,6 +207,7 @@ def ineffective_flags(job) -> list[str]:
         ignored.update(dict.fromkeys(("calib", "nsamples", "seqlen", "seed"), "--method rtn uses no calibration data"))
         ignored["act_order"] = "--method rtn has no Hessian to order columns by"
         ignored["sparse_expert_policy"] = "--method rtn quantizes every expert the same way"
+        ignored["expert_hessian"] = "--method rtn has no Hessian"
     defaults = {f.name: f.default for f in fields(job)}
     return [f"{flag(name)} has no effect: {why}" for name, why in ignored.items()
             if getattr(job, name) != defaults[name]]
@@ -204,13 +234,26 @@ def check_group_size_for_model(model: nn.Module, group_size: int, attention: boo
     check_group_size(group_size, quantized_input_widths(model, attention))
 
 
-def check_job_for_model(job, config) -> list[int]:
+def check_job_for_model(job, config):
     """The flags against the architecture of `config` (a skeleton on the meta device, nothing read); returns
-    the experts' bit width per decoder layer."""
+    the experts' bit width per decoder layer and, for `--bits auto:B`, the `bit_allocation.Allocation` behind it
+    (else None). With auto bits and no sensitivity file the widths are (None, None): the in-run proxy sets them."""
     skeleton = build_skeleton(config, torch.float32)
     adapter = get_adapter(skeleton)
     layers = adapter.decoder_layers(skeleton)
-    expert_bits = parse_expert_bits(job.bits, len(layers))
+    allocation = None
+    if is_auto_bits(job.bits):
+        expert_bits = None
+        if getattr(job, "sensitivity", None) is not None:
+            try:
+                scores = read_sensitivity_file(Path(job.sensitivity).expanduser(), len(layers))
+                allocation = allocation_from_sensitivities(job.bits, layer_expert_params(skeleton), scores,
+                                                           str(job.sensitivity))
+            except AllocationError as exc:
+                raise JobError(str(exc)) from exc
+            expert_bits = allocation.bits
+    else:
+        expert_bits = parse_expert_bits(job.bits, len(layers))
     check_group_size_for_model(skeleton, job.group_size, attention=job.attn_bits is not None)
     if job.method == "qesc" and job.router_topk is not None:
         experts = min(adapter.num_experts(block) for block in map(adapter.moe_block, layers) if block is not None)
@@ -221,4 +264,4 @@ def check_job_for_model(job, config) -> list[int]:
     for name, value in lengths.items():
         if context and value is not None and value > context:
             raise JobError(f"{flag(name)} {value} is longer than the model's context of {context} tokens")
-    return expert_bits
+    return expert_bits, allocation

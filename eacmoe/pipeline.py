@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import MoEAdapter, Routing, get_adapter
+from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
@@ -70,6 +71,7 @@ class QuantizeConfig:
     router_solver: str = "adam"          # adam (early-stopped, the default) or ridge (exact; router_calibration.py)
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
     sparse_expert_policy: str = "pool"
+    expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
     batch_size: int = 8
     seed: int = 0
 
@@ -78,6 +80,8 @@ class QuantizeConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.sparse_expert_policy not in SPARSE_EXPERT_POLICIES:
             raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
+        if self.expert_hessian not in EXPERT_HESSIANS:
+            raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
 
@@ -283,15 +287,30 @@ def _expert_token_chunks(expert_input: torch.Tensor, token_index: torch.Tensor |
                else expert_input[token_index[start:start + rows]])
 
 
-def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None]) -> dict[str, GPTQ]:
+def _weighted_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | None, widest: int,
+                     row_weights: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`_expert_token_chunks` with each chunk's slice of `row_weights` (one weight per selected row, or None)."""
+    start = 0
+    for x in _expert_token_chunks(expert_input, token_index, widest):
+        yield x, None if row_weights is None else row_weights[start:start + x.shape[0]]
+        start += x.shape[0]
+
+
+def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None],
+                     row_weights: Callable[[], torch.Tensor | None] | None = None) -> dict[str, GPTQ]:
     """GPTQ accumulators for one group of Linears that share an input, filled by running `run_batches`
-    (which may raise _StopForward per batch: the pass stops once every Linear of the group has fired)."""
+    (which may raise _StopForward per batch: the pass stops once every Linear of the group has fired).
+    `row_weights`, when given, returns the weight of each row of the batch being run (None: unweighted); a row
+    then enters the Hessian as sqrt(w) x (see expert_hessian.py)."""
     solvers = {name: GPTQ(linear.in_features, device=linear.weight.device) for name, linear in group}
     fired: set[str] = set()
     handles = []
     for name, linear in group:
         def hook(_module, args, _output, name=name):
-            solvers[name].add_batch(args[0].detach())
+            x = args[0].detach()
+            if row_weights is not None:
+                x = weighted_rows(x.reshape(-1, x.shape[-1]), row_weights())
+            solvers[name].add_batch(x)
             fired.add(name)
             if len(fired) == len(group):
                 fired.clear()
@@ -350,11 +369,12 @@ class LayerwiseQuantizer:
         return qw.dequantize().to(weight.dtype)
 
     def _quantize_linear_groups(self, prefix: str, groups: list[list[tuple[str, nn.Linear]]], bits: int,
-                                run_batches: Callable[[], None], report: LayerReport) -> None:
+                                run_batches: Callable[[], None], report: LayerReport,
+                                row_weights: Callable[[], torch.Tensor | None] | None = None) -> None:
         """GPTQ on Linears group by group (true-sequential: a group's inputs come from the quantized groups
         before it)."""
         for group in groups:
-            solvers = {} if self.config.method == "rtn" else collect_hessians(group, run_batches)
+            solvers = {} if self.config.method == "rtn" else collect_hessians(group, run_batches, row_weights)
             for name, linear in group:
                 linear.weight.data = self._quantize_matrix(f"{prefix}.{name}", linear.weight.data, bits,
                                                            solvers.get(name), report)
@@ -363,6 +383,7 @@ class LayerwiseQuantizer:
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
                                  routing: Routing, bits: int, report: LayerReport) -> None:
         adapter, cfg = self.adapter, self.config
+        hessian = get_expert_hessian(cfg.expert_hessian)
         act = adapter.expert_act(block)
         num_experts = adapter.num_experts(block)
         report.expert_tokens = []
@@ -380,18 +401,22 @@ class LayerwiseQuantizer:
                 else:  # pool: the layer's whole token distribution stands in for the expert's own
                     token_index = None
             solver = None
+            # per-token weights of this expert's Hessians (None: unweighted; pooled tokens are never weighted)
+            row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
+            widest = max(weights["gate_proj"].shape)
             if not use_rtn:
                 solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
-                for x in _expert_token_chunks(expert_input, token_index, max(weights["gate_proj"].shape)):
-                    solver.add_batch(x)
+                for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
+                    solver.add_batch(weighted_rows(x, w))
             gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
             up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
             down_solver = None
             if not use_rtn:
                 down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
                 with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
-                    for x in _expert_token_chunks(expert_input, token_index, max(weights["gate_proj"].shape)):
-                        down_solver.add_batch(act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T))
+                    for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
+                        down_solver.add_batch(weighted_rows(
+                            act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w))
             down_q = self._quantize_matrix(names["down_proj"], weights["down_proj"], bits, down_solver, report)
             adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
 
@@ -460,14 +485,20 @@ class LayerwiseQuantizer:
             t0 = time.perf_counter()
             shared_groups = adapter.shared_experts(block)
             if shared_groups:
+                hessian = get_expert_hessian(cfg.expert_hessian)
+                batch_weights: list[torch.Tensor | None] = [None]  # the rows' weights of the batch being run
+
                 def run_block():  # the shared expert alone (adapter.shared_output), not the routed ones
                     for start in range(0, expert_input.shape[0], cfg.batch_size * 512):
+                        hidden = expert_input[start:start + cfg.batch_size * 512]
                         try:
                             with torch.no_grad():
-                                adapter.shared_output(block, expert_input[start:start + cfg.batch_size * 512])
+                                batch_weights[0] = hessian.shared_weights(adapter, block, hidden)
+                                adapter.shared_output(block, hidden)
                         except _StopForward:
                             pass
-                self._quantize_linear_groups(prefix, shared_groups, cfg.expert_bits[index], run_block, report)
+                self._quantize_linear_groups(prefix, shared_groups, cfg.expert_bits[index], run_block, report,
+                                             row_weights=lambda: batch_weights[0])
             with torch.no_grad():
                 if needs_data:
                     routing = adapter.route(block, expert_input)

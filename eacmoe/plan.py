@@ -217,6 +217,10 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
     ``attn_bits`` None: 4 when anything else is quantized, else 16 (so ``--bits 16`` is the FP16 model).
     """
     spec = PAPER_BITS_LABELS.get(str(bits).strip(), str(bits).strip())
+    if spec.startswith("auto:"):
+        raise PlanError(f"--bits {spec}: the planner sizes a fixed schedule; give the per-layer list that "
+                        "python -m eacmoe.quantize --bits auto:B prints (report.json bit_allocation.bits), e.g. "
+                        "--bits 3,2,2,2,2,3,3,3")
     if spec in ("16", "fp16", "bf16"):
         expert_bits: list[int | None] = [None] * num_layers
         spec = "16"

@@ -12,6 +12,7 @@ import sys
 from .cli import OneLineErrorParser, print_error, setup_logging  # first: it quietens third-party start-up logs
 from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
 from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
+from .expert_hessian import EXPERT_HESSIANS  # noqa: E402
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
 from .threads import add_threads_argument  # noqa: E402
 
@@ -27,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. mistralai/Mixtral-8x7B-v0.1)")
     p.add_argument("--bits", default="2",
                    help="expert bits: 2, 3, 4, 8; 2.5 = first half of the layers 3-bit, second half 2-bit "
-                        "(EAC-MoE); or a comma list with one width per decoder layer")
+                        "(EAC-MoE); a comma list with one width per decoder layer; or auto:B (e.g. auto:2.5): "
+                        "per-layer widths from {2,3,4} averaging at most B over the expert weights, chosen by a "
+                        "knapsack on --sensitivity or, without it, on a proxy measured in the run "
+                        "(eacmoe/bit_allocation.py)")
+    p.add_argument("--sensitivity", default=None, metavar="FILE",
+                   help="for --bits auto:B: the sensitivity.json of python -m eacmoe.eval --sensitivity, measured on "
+                        "this model's weights (per-layer KL of 2-bit GPTQ experts)")
     p.add_argument("--attn-bits", type=int, default=4, help="attention bits (2, 3, 4, 8; 16 keeps attention FP)")
     p.add_argument("--method", choices=METHODS, default="qesc",
                    help="rtn: round-to-nearest; gptq: GPTQ, routers untouched; qesc: GPTQ + TopK-MSE router "
@@ -50,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
                    help="an expert that gets fewer calibration tokens than its input width is quantized with the "
                         "layer's pooled tokens (pool) or round-to-nearest (rtn); counted in the log")
+    p.add_argument("--expert-hessian", choices=tuple(EXPERT_HESSIANS), default="routed",
+                   help="token weights in the experts' GPTQ Hessians: routed = every token routed to the expert "
+                        "counts once (GPTQModel); weighted = each counts with its combine weight g (after the "
+                        "family's renormalisation), the shared expert with its gate (MoEQuant); docs/QUANTIZING.md")
     p.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for the final evaluation")
     p.add_argument("--eval-seqlen", type=int, default=None,
                    help="tokens per held-out sequence (default: the model's context, at most 512)")
@@ -95,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                       sym=args.sym, act_order=args.act_order, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
                       router_lr=args.router_lr, router_solver=args.router_solver,
-                      sparse_expert_policy=args.sparse_expert_policy,
+                      sparse_expert_policy=args.sparse_expert_policy, expert_hessian=args.expert_hessian,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      lazy=args.lazy, format=args.format, threads=args.threads)
+                      lazy=args.lazy, format=args.format, threads=args.threads, sensitivity=args.sensitivity)
     try:
         report = run_job(job)
     except (JobError, BitsError, CalibrationDataError, UnsupportedModelError, NonFiniteWeightsError) as exc:

@@ -11,7 +11,14 @@ def format_summary(report: dict) -> str:
              f"threads {report.get('threads', '?')}",
              f"average bits: {report['average_bits_paper']:.2f} per quantized weight (paper's measure), "
              f"{report['average_bits_true']:.2f} per parameter incl. scales/zeros/16-bit tensors; "
-             f"size {report['size_bytes'] / 2**20:.1f} MiB", ""]
+             f"size {report['size_bytes'] / 2**20:.1f} MiB"]
+    allocation = report.get("bit_allocation")
+    if allocation:
+        lines.append(f"{allocation['spec']}: expert bits per layer {allocation['bits']} (average "
+                     f"{allocation['achieved_average']:.4f} over the expert weights; sensitivities: "
+                     f"{allocation['source']}); the same schedule for --bits / eacmoe.plan: "
+                     f"{','.join(map(str, allocation['bits']))}")
+    lines.append("")
     header = f"{'held-out':<13}{'FP ppl':>9}{'quant ppl':>11}{'oracle':>9}{'FP+qroute':>11}{'KL(FP||q)':>11}" \
              f"{'shift all':>11}{'any':>7}{'half':>7}"
     lines.append(header)

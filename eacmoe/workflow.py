@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import output_dir
 from .adapters import get_adapter
 from .assets import resolve_model
+from .bit_allocation import AllocationError, auto_expert_bits, read_sensitivity_file
 from .calibration import get_calibration_data
 from .cli import one_line
 from .expert_shift import measure_expert_shift
@@ -78,6 +79,7 @@ class QuantizeJob:
     router_lr: float = 1e-3
     router_solver: str = "adam"
     sparse_expert_policy: str = "pool"
+    expert_hessian: str = "routed"    # routed | weighted, see expert_hessian.py
     eval_samples: int = 32
     eval_seqlen: int | None = None    # None: the model's context, at most 512
     device: str = "auto"
@@ -89,6 +91,7 @@ class QuantizeJob:
     lazy: bool | None = None     # None: lazy when the model is larger than LAZY_AUTO_BYTES in memory
     format: str = "packed"       # packed | gptq | dequantized, see eacmoe.export
     threads: int | None = None   # torch CPU threads; None keeps torch's default (recorded either way)
+    sensitivity: str | None = None  # sensitivity.json for --bits auto:B (else the in-run proxy)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -166,6 +169,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
                         if uses_data else None),
         "router_calibration": router,
         "sparse_expert_policy": job.sparse_expert_policy if uses_data else None,
+        "expert_hessian": job.expert_hessian if uses_data else None,
     }
 
 
@@ -245,7 +249,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
     t0 = time.perf_counter()
     source_config = load_config(job.model)
     storage_dtype = as_torch_dtype(None, source_config)  # the checkpoint's own dtype, for what stays unquantized
-    expert_bits = check_job_for_model(job, source_config)
+    expert_bits, allocation = check_job_for_model(job, source_config)
     context = getattr(source_config, "max_position_embeddings", None) or 2048
     job.seqlen = job.seqlen or min(2048, context)
     job.eval_seqlen = job.eval_seqlen or min(512, context)
@@ -264,19 +268,32 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         model = loader.model
     else:
         model, _ = load_model(job.model, pick_dtype(job.dtype, device))
+    if expert_bits is None:  # --bits auto:B without a sensitivity file: the proxy, on the calibration tokens
+        if lazy:
+            raise JobError("--bits auto:B needs --sensitivity for a lazily loaded model (the proxy needs it in memory)")
+        allocation = auto_expert_bits(job.bits, model, calib_ids=calib_ids, group_size=job.group_size)
+        expert_bits = allocation.bits
+    if allocation is not None:
+        log.info("%s: expert bits %s (average %.4f over the expert weights; sensitivities from %s)", job.bits,
+                 allocation.schedule, allocation.achieved_average, allocation.source)
     qconfig = QuantizeConfig(expert_bits=expert_bits, method=job.method, attn_bits=job.attn_bits,
                              group_size=job.group_size, sym=job.sym, act_order=job.act_order,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              router_solver=job.router_solver,
-                             sparse_expert_policy=job.sparse_expert_policy, seed=job.seed)
+                             sparse_expert_policy=job.sparse_expert_policy, expert_hessian=job.expert_hessian,
+                             seed=job.seed)
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,
                                    layer_source=CheckpointLayers(loader) if lazy else None)
     try:
         quantizer.model_fingerprint()  # one read of the weights: NaN / Inf refused before the first layer
+        if job.sensitivity is not None and allocation is not None:
+            read_sensitivity_file(Path(job.sensitivity), len(quantizer.layers), quantizer.model_fingerprint())
         if job.resume and partial.is_dir():
             quantizer.resumable_layers(calib_ids)  # progress of another model, settings or calibration refused
     except NonFiniteWeightsError as exc:
+        raise JobError(str(exc)) from exc
+    except AllocationError as exc:
         raise JobError(str(exc)) from exc
     except ProgressMismatchError as exc:
         raise JobError(f"{exc}; run without --resume to start over (that discards the progress)") from exc
@@ -303,6 +320,9 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
 
     account = bits_account(quantizer)
     metadata = export_metadata(job, qconfig, account, layer_reports)
+    if allocation is not None:
+        metadata["bit_allocation"] = {"spec": allocation.spec, "source": allocation.source,
+                                      "average_expert_bits": allocation.achieved_average, "rule": allocation.rule}
     t0 = time.perf_counter()
     write_checkpoint(job, partial, model, tokenizer, quantizer, loader if lazy else None, metadata, storage_dtype)
     timings["save"] = time.perf_counter() - t0
@@ -316,6 +336,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         "device": str(device), "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
         "format": job.format, "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
         "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
+        "bit_allocation": allocation.as_dict() if allocation is not None else None,
         "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,
         "layers": [asdict(r) for r in layer_reports],
     }

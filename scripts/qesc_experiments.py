@@ -42,7 +42,24 @@ from eacmoe.workflow import bits_account, load_model  # noqa: E402
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
 # the order of rows in the tables and of bars and lines in the plots
-METHOD_ORDER = ["fp", "rtn", "gptq", "qesc-experts+fp-router", "qesc", "qesc-mse"]
+METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted", "qesc-mse"]
+# a method label is "<method>[+<expert Hessian>]": "qesc+weighted" = --method qesc --expert-hessian weighted
+
+
+def method_config(label: str) -> dict:
+    """QuantizeConfig fields of a method label ("qesc", "qesc+weighted", ...)."""
+    method, _, hessian = label.partition("+")
+    return {"method": method, "expert_hessian": hessian or "routed"}
+
+
+def _method_rank(label: str) -> int:
+    return METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _bits_rank(bits: str) -> tuple[float, str]:
+    """Sort key of a bits label: numbers by value, "auto:B" right after B."""
+    number = bits.removeprefix("auto:")
+    return (float(number), bits)
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 
@@ -108,9 +125,11 @@ def run(args) -> None:
         if i == 0:  # every invocation that adds rows, for RESULTS.md (a refused one adds nothing)
             with (args.out / "commands.txt").open("a") as f:
                 f.write(args.command + "\n")
-        heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")}
-        heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
-                                                                args.eval_seqlen) for d in DOMAINS})
+        heldout = {s: heldout_sequences(s, tokenizer, args.eval_samples, args.eval_seqlen) for s in ("bundled-test", "wikitext2")
+                   if s == "bundled-test" or not args.test_split_only}
+        if not args.test_split_only:
+            heldout.update({f"bundled-test:{d}": heldout_sequences(f"bundled-test:{d}", tokenizer, args.eval_samples // 4,
+                                                                    args.eval_seqlen) for d in DOMAINS})
         heldout = {k: v for k, v in heldout.items() if v is not None}
         references = {k: measure_fp_reference(fp_model, ids, batch_size=8) for k, ids in heldout.items()}  # fp/fp once
         num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
@@ -128,8 +147,9 @@ def run(args) -> None:
                         if json.dumps(key) in done:
                             continue
                         q_model = copy.deepcopy(fp_model)
-                        cfg = QuantizeConfig(expert_bits=parse_expert_bits(bits, num_layers), method=method,
-                                             attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed)
+                        cfg = QuantizeConfig(expert_bits=expert_bits_for(bits, fp_model, model_name, args),
+                                             attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed,
+                                             **method_config(method))
                         calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
                         t0 = time.perf_counter()
                         quantizer = LayerwiseQuantizer(q_model, cfg)
@@ -140,7 +160,7 @@ def run(args) -> None:
                                                    "seconds": seconds,
                                                    "average_bits": bits_account(quantizer).paper_average_bits})
                         del quantizer
-                        if method == "qesc":
+                        if method == "qesc" and not args.no_fp_router_rows:
                             # a diagnostic for the paired router comparison (shift, KL, ppl): no suite run
                             restore_fp_routers(q_model, fp_model)
                             append(results_path, {**key, "method": "qesc-experts+fp-router"},
@@ -148,6 +168,19 @@ def run(args) -> None:
                                     **evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False)})
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md")
+
+
+def expert_bits_for(bits: str, fp_model, model_name: str, args) -> list[int]:
+    """The per-layer expert bits of a bits label; "auto:B" is allocated from the model's sensitivity file."""
+    num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
+    if not bits.startswith("auto:"):
+        return parse_expert_bits(bits, num_layers)
+    from eacmoe.bit_allocation import auto_expert_bits
+
+    files = dict(item.split("=", 1) for item in args.sensitivity)
+    if model_name not in files:
+        raise SystemExit(f"--bits {bits} needs --sensitivity {model_name}=FILE")
+    return auto_expert_bits(bits, fp_model, sensitivity=Path(files[model_name])).bits
 
 
 def append(path: Path, key: dict, row: dict) -> None:
@@ -228,6 +261,74 @@ def summary_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str
     return lines
 
 
+def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
+    """Per (model, setting, bits): test ppl and KL of every method next to GPTQ and FP, and the share of GPTQ's
+    perplexity gap to FP that each closes, (ppl_GPTQ - ppl_method) / (ppl_GPTQ - ppl_FP), paired by seed."""
+    ppl, kl = PAIRED[2][1], PAIRED[1][1]
+    lines = ["Share of GPTQ's gap to FP closed (test split; per seed (GPTQ − method) / (GPTQ − FP), mean ± sd; "
+             "Δ KL = method − GPTQ paired):", "",
+             "| model | setting | bits | method | n | test ppl | gap closed % | KL ×1e3 | Δ KL ×1e3 | oracle ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    cells = sorted({(m, s, b) for (m, s, b, method) in groups if method != "fp"},
+                   key=lambda c: (c[0], c[1], _bits_rank(c[2])))
+    for model, setting, bits in cells:
+        fp = groups.get((model, "fp", "16", "fp"), [])
+        if not fp:
+            continue
+        fp_ppl = ppl(fp[0])
+        lines.append(f"| {model} | {setting} | {bits} | FP | 1 | {fp_ppl:.2f} | 100 | 0 | – | – |")
+        methods = sorted({method for (m, s, b, method) in groups if (m, s, b) == (model, setting, bits)},
+                         key=_method_rank)
+        # GPTQ at the same bits; for auto:B without its own GPTQ rows, GPTQ with the paper's B schedule
+        gptq_bits = bits if (model, setting, bits, "gptq") in groups else bits.removeprefix("auto:")
+        for method in methods:
+            runs = groups[(model, setting, bits, method)]
+            pairs = [(r, g) for r in runs if (g := by_key.get(json.dumps(
+                {**r["key"], "method": "gptq", "bits": gptq_bits}, sort_keys=True))) is not None]
+            if not pairs or method == "rtn":
+                continue
+            closed = [100 * (ppl(g) - ppl(r)) / (ppl(g) - fp_ppl) for r, g in pairs]
+            oracle = [r["bundled-test"]["ppl"]["q/fp"] for r in runs]
+            label = method if gptq_bits == bits else f"{method} (vs GPTQ at {gptq_bits})"
+            lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | "
+                         f"{_mean_spread([ppl(r) for r, _ in pairs], 2)} | {_mean_spread(closed, 1)} | "
+                         f"{_mean_spread([kl(r) for r, _ in pairs], 2)} | "
+                         f"{_mean_spread([kl(r) - kl(g) for r, g in pairs], 2)} | {_mean_spread(oracle, 2)} |")
+    return lines
+
+
+def variant_table(rows: list[dict]) -> list[str]:
+    """Paired differences of the new options: `qesc+weighted − qesc` (the same bits), `gptq+weighted − gptq`, and
+    `auto:B − B` (the same method, the allocated schedule against the paper's)."""
+    ppl, kl = PAIRED[2][1], PAIRED[1][1]
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    lines = ["Paired differences of the new options (same model, setting and calibration seed; mean ± sd over seeds):",
+             "", "| model | setting | comparison | n | Δ test ppl | Δ KL ×1e3 | Δ oracle ppl |", "|---|---|---|---|---|---|---|"]
+    found: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in rows:
+        k = r["key"]
+        if k["method"] == "fp":
+            continue
+        twins = []
+        base, _, hessian = k["method"].partition("+")
+        if hessian:
+            twins.append(({**k, "method": base}, f"{k['bits']}: {k['method']} − {base}"))
+        if str(k["bits"]).startswith("auto:"):
+            twins.append(({**k, "bits": k["bits"].removeprefix("auto:")},
+                          f"{k['method']}: {k['bits']} − {k['bits'].removeprefix('auto:')} (paper schedule)"))
+        for twin_key, label in twins:
+            twin = by_key.get(json.dumps(twin_key, sort_keys=True))
+            if twin is not None:
+                found.setdefault((k["model"], k["setting"], label), []).append((r, twin))
+    for (model, setting, label), pairs in sorted(found.items()):
+        oracle = [a["bundled-test"]["ppl"]["q/fp"] - b["bundled-test"]["ppl"]["q/fp"] for a, b in pairs]
+        lines.append(f"| {model} | {setting} | {label} | {len(pairs)} | "
+                     f"{_mean_spread([ppl(a) - ppl(b) for a, b in pairs], 3)} | "
+                     f"{_mean_spread([kl(a) - kl(b) for a, b in pairs], 2)} | {_mean_spread(oracle, 3)} |")
+    return lines
+
+
 def load_rows(results_path: Path) -> list[dict]:
     """The rows of results.jsonl, one per key: when two processes sharing the file computed the same key (e.g. a
     model's FP row), the later row wins."""
@@ -244,8 +345,8 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
         k = r["key"]
         groups.setdefault((k["model"], k.get("setting", "fp"), str(k.get("bits", "16")), k["method"]), []).append(r)
     settings = ["fp", *SETTINGS]
-    groups = dict(sorted(groups.items(), key=lambda g: (g[0][0], settings.index(g[0][1]), float(g[0][2]),
-                                                        METHOD_ORDER.index(g[0][3]))))
+    groups = dict(sorted(groups.items(), key=lambda g: (g[0][0], settings.index(g[0][1]), _bits_rank(g[0][2]),
+                                                        _method_rank(g[0][3]))))
     threads = sorted({"not recorded" if r.get("threads") is None else str(r["threads"]) for r in rows})
     lines = ["Produced by (rows appended by each command in turn; `--report-only` rewrites this file):", "",
              *[f"    {c}" for c in commands], "", f"Torch CPU threads of the rows: {', '.join(threads)}.", "",
@@ -255,6 +356,7 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
              "model (any / at least half / all of the k), averaged over MoE layers. `qesc-experts+fp-router` = the QESC "
              "model with its routers reset to FP (same quantized experts).", "",
              *summary_table(rows, groups), "",
+             "Share of GPTQ's perplexity gap to FP that each method closes, paired by seed: [GAP.md](GAP.md).", "",
              "All columns:", "",
              "| model | setting | bits | avg bits | method | n | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(COLUMNS)]
@@ -283,6 +385,7 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
     lines += ["", "![shift and KL per method](shift.png)", "",
               "![shift per layer](shift_per_layer.png)", ""]
     md_path.write_text("\n".join(lines) + "\n")
+    md_path.with_name("GAP.md").write_text("\n".join([*gap_table(rows, groups), "", *variant_table(rows), ""]) + "\n")
     plot_shift(groups, md_path.with_name("shift.png"))
     plot_shift_per_layer(groups, md_path.with_name("shift_per_layer.png"))
 
@@ -300,7 +403,7 @@ def plot_shift(groups: dict[tuple, list[dict]], path: Path) -> None:
     methods = METHOD_ORDER[1:]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 6.5), squeeze=False)
     for col, (model, setting) in enumerate(panels):
-        bits = sorted({b for (m, s, b, _) in groups if (m, s) == (model, setting)}, key=float)
+        bits = sorted({b for (m, s, b, _) in groups if (m, s) == (model, setting)}, key=_bits_rank)
         for row, (title, get) in enumerate((("shift any %", lambda r: 100 * r["bundled-test"]["shift"]["any"]),
                                             ("KL(FP‖q) ×1e3", lambda r: 1e3 * r["bundled-test"]["kl"]["q/q"]))):
             ax = axes[row][col]
@@ -331,12 +434,12 @@ def plot_shift_per_layer(groups: dict[tuple, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(m, s, b) for (m, s, b, method) in groups if method != "fp"}, key=lambda p: (p[0], p[1], float(p[2])))
+    panels = sorted({(m, s, b) for (m, s, b, method) in groups if method != "fp"}, key=lambda p: (p[0], p[1], _bits_rank(p[2])))
     panels = [p for p in panels if any("shift_per_layer" in r["bundled-test"] for meth in ("gptq", "qesc")
                                        for r in groups.get((*p, meth), []))]
     if not panels:
         return
-    columns = sorted({b for (_, _, b) in panels}, key=float)
+    columns = sorted({b for (_, _, b) in panels}, key=_bits_rank)
     rows = sorted({(m, s) for (m, s, _) in panels})
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(4 * len(columns), 2.8 * len(rows)), squeeze=False)
     for (model, setting, bits) in panels:
@@ -376,6 +479,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="items per suite task (0 skips the lm-eval suite; default: all)")
     ap.add_argument("--suite-batch-size", type=int, default=16,
                     help="lm-eval batch size (results equal batch size 1 within float rounding; ~1.6x faster on CPU)")
+    ap.add_argument("--test-split-only", action="store_true",
+                    help="evaluate on the bundled test split only (no WikiText-2, no per-domain windows): ~3x faster")
+    ap.add_argument("--no-fp-router-rows", action="store_true",
+                    help="skip the diagnostic rows of QESC models with their routers reset to FP (one evaluation each)")
+    ap.add_argument("--sensitivity", nargs="+", default=[], metavar="MODEL=FILE",
+                    help="sensitivity.json per model (python -m eacmoe.eval --sensitivity), for --bits auto:B")
     add_threads_argument(ap)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and shift.png from results.jsonl")

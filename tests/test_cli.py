@@ -123,6 +123,10 @@ def inputs(tmp_path: Path) -> Path:
     (d / "short.txt").write_text("just a few words")
     (d / "a_file").write_text("not a model")
     (d / "no_config").mkdir()
+    layers = [{"layer": i, "moe": True, "score": 0.1} for i in range(2)]
+    doc = {"schema": "eacmoe.sensitivity/1", "model": "m", "fingerprint": "0", "score_perturbation": "gptq@2"}
+    (d / "sensitivity_3_layers.json").write_text(json.dumps({**doc, "layers": [*layers, layers[0]]}))
+    (d / "sensitivity_other_weights.json").write_text(json.dumps({**doc, "layers": layers}))
     return d
 
 
@@ -159,6 +163,17 @@ BAD_INPUTS = {
     "bits": (("--bits", "5"), "bits must be one of"),
     "bits-per-layer-count": (("--bits", "2,2,2"), "2 layers"),
     "method-unknown": (("--method", "awq"), "invalid choice"),
+    "expert-hessian-unknown": (("--expert-hessian", "uniform"), "invalid choice"),
+    "bits-auto-out-of-range": (("--bits", "auto:5"), "2 <= B <= 4"),
+    "bits-auto-not-a-number": (("--bits", "auto:x"), "auto:B"),
+    "bits-auto-rtn-without-file": (("--bits", "auto:2.5", "--method", "rtn"), "needs --sensitivity"),
+    "sensitivity-without-auto": (("--sensitivity", "{inputs}/a_file"), "only used with --bits auto"),
+    "sensitivity-missing": (("--bits", "auto:2.5", "--sensitivity", "{inputs}/missing.json"), "no such file"),
+    "sensitivity-not-json": (("--bits", "auto:2.5", "--sensitivity", "{inputs}/a_file"), "JSON"),
+    "sensitivity-layer-count": (("--bits", "auto:2.5", "--sensitivity", "{inputs}/sensitivity_3_layers.json"),
+                                "3 layers, the model 2"),
+    "sensitivity-other-weights": (("--bits", "auto:2.5", "--sensitivity", "{inputs}/sensitivity_other_weights.json"),
+                                  "other weights"),
     "model-missing-directory": (("--model", "/nonexistent/model"), "no such directory"),
     "model-is-a-file": (("--model", "{inputs}/a_file"), "is a file"),
     "model-without-config": (("--model", "{inputs}/no_config"), "no config.json"),

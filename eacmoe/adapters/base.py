@@ -319,6 +319,11 @@ class MoEAdapter(ABC):
         """The shared-expert contribution (gate applied) for hidden [T, H]; None if the family has none."""
         return None
 
+    def shared_expert_gate(self, block: nn.Module, hidden: Tensor) -> Tensor | None:
+        """[T, 1] factor the block multiplies the shared expert's output by for hidden [T, H]; None when the family
+        has no shared expert or adds it ungated (DeepSeek)."""
+        return None
+
     def moe_forward(self, block: nn.Module, hidden: Tensor, routing: Routing) -> Tensor:
         """The block output for ``hidden`` ([B, S, H] or [T, H]) under ``routing``.
 

@@ -82,7 +82,10 @@ class Qwen2MoeAdapter(_QwenRoutingMixin, MoEAdapter):
         return mlp_linear_groups("mlp.shared_expert", block.shared_expert)
 
     def shared_output(self, block: nn.Module, hidden: Tensor) -> Tensor:
-        return torch.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
+        return self.shared_expert_gate(block, hidden) * block.shared_expert(hidden)
+
+    def shared_expert_gate(self, block: nn.Module, hidden: Tensor) -> Tensor:
+        return torch.sigmoid(block.shared_expert_gate(hidden))
 
     # Config fields (parameter inventory): ``num_experts`` experts of width ``moe_intermediate_size``; dense
     # layers (``mlp_only_layers`` / ``decoder_sparse_step``) ``intermediate_size`` wide; one shared expert
