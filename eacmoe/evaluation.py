@@ -69,7 +69,7 @@ from .workflow import load_config, load_heldout, load_model
 
 __all__ = [
     "DEFAULT_BITS", "DEFAULT_METHODS", "METHODS", "BuiltModel", "Cell", "Method", "SweepContext", "SweepError",
-    "SweepSettings", "evaluate_model", "expert_matrices", "load_rows", "plan_cells", "run_sweep",
+    "SweepSettings", "evaluate_model", "expert_matrices", "load_rows", "plan_cells", "report_header", "run_sweep",
     "write_report",
 ]
 
@@ -557,6 +557,11 @@ def _sort_key(row: dict) -> tuple:
     return (order.index(row["method"]) if row["method"] in order else len(order), row["bits"]["bits_per_weight"])
 
 
+def report_header(title: str, command: str | None) -> list[str]:
+    """A report's first lines: its title and, when known, the command that produced it."""
+    return [f"# {title}", "", *(["Produced by:", "", f"    {command}", ""] if command else [])]
+
+
 def _suite_note(rows: list[dict], settings: dict) -> str:
     """A sentence on the suite columns: tasks, items and the FP cell's standard errors (what a difference means)."""
     if not settings.get("suite_tasks"):
@@ -581,9 +586,7 @@ def write_report(rows: list[dict], out: Path, command: str | None = None,
     settings = rows[0]["settings"] if rows else {}
     header = ["cell", "bits/weight", "bits moved/weight", "test ppl", *(["WT2 ppl"] if has_wt2 else []),
               "KL(FP‖q) ×1e3", "shift any %", "shift half %", "shift all %", *[f"{k} %" for k in suite_keys]]
-    lines = ["# Quantization against error-bounded codecs at matched bits", ""]
-    if command:
-        lines += ["Produced by:", "", f"    {command}", ""]
+    lines = report_header("Quantization against error-bounded codecs at matched bits", command)
     lines += [
         f"Model {rows[0]['model']} (weights fingerprint {rows[0]['fingerprint']}), torch threads "
         f"{settings.get('threads')}. Held-out: {settings.get('eval_samples')} windows of {settings.get('eval_seqlen')} "

@@ -91,6 +91,7 @@ from .evaluation import (
     check_resumable,
     evaluate_model,
     load_rows,
+    report_header,
 )
 from .expert_shift import measure_fp_reference
 from .job_checks import check_group_size_for_model
@@ -555,9 +556,8 @@ def write_outputs(rows: Sequence[dict], counts: Sequence[Sequence[int] | None], 
     fp_ppl, figures = _figures(rows)
     s = doc["settings"]
     labels = _perturbation_order({p for (_, p) in figures})
-    lines = ["# Sensitivity of expert weights to error, layer by layer (arXiv 2509.07727's design)", ""]
-    if command:
-        lines += ["Produced by:", "", f"    {command}", ""]
+    lines = report_header("Sensitivity of expert weights to error, layer by layer (arXiv 2509.07727's design)",
+                          command)
     lines += [
         f"Model {doc['model']} (weights fingerprint {doc['fingerprint']}), torch threads {s.get('threads')}. "
         f"Expert selection frequencies from {s['nsamples']} calibration windows of {s['seqlen']} tokens; every cell "

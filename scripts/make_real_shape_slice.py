@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from eacmoe.assets import ASSETS_DIR, TOKENIZER_DIR  # noqa: E402
-from eacmoe.cli import OneLineErrorParser, positive_int, print_error  # noqa: E402
+from eacmoe.cli import OneLineErrorParser, positive_int, print_error, setup_logging  # noqa: E402
 
 log = logging.getLogger("make_real_shape_slice")
 
@@ -237,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config field, e.g. --set hidden_size=64 (small shapes for tests); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         info = write_slice(args.family, args.out, args.layers, overrides, args.seed,

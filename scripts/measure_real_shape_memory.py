@@ -258,7 +258,7 @@ def write_section(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eacmoe.cli import OneLineErrorParser, positive_int
+    from eacmoe.cli import OneLineErrorParser, positive_int, setup_logging
 
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="*", default=["qwen3-30b-a3b", "mixtral-8x7b"],
@@ -286,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_argument(p)
     args = p.parse_args(argv)
     args.threads = set_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     command = command_line("python scripts/measure_real_shape_memory.py", argv if argv is not None else sys.argv[1:],
                            args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from eacmoe.cli import OneLineErrorParser, positive_int  # noqa: E402
+from eacmoe.cli import OneLineErrorParser, positive_int, setup_logging  # noqa: E402
 from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 
 log = logging.getLogger("quantize_peak")
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     add_threads_argument(p)
     args = p.parse_args(argv)
     args.threads = set_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     command = command_line("python scripts/quantize_peak.py", argv if argv is not None else sys.argv[1:],
                            args.threads)
 
