@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .adapters import MoEAdapter, Routing, get_adapter
 from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
+from .quant.gptq import GPTQ_LOOP_ROWS, column_loops, quantize_together
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
 from .weight_scan import scan_weights
@@ -276,6 +277,47 @@ def capture_module_input(layer: nn.Module, module: nn.Module, stream: torch.Tens
     return torch.cat(inputs)
 
 
+def capture_block_input(layer: nn.Module, adapter: MoEAdapter, stream: torch.Tensor, layer_kwargs: dict,
+                        batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every sequence of the stream, the layer's residual after attention (the post-attention norm's input,
+    [sequences, seq, H], kept on CPU) and its MLP / MoE block input (the norm's output, [tokens, H], on `device`);
+    the layer stops at the norm. With both, `advance_from_block` gives the layer's output without recomputing
+    attention."""
+    residuals, inputs = [], []
+
+    def grab(_module, args, output):
+        residuals.append(args[0].detach().cpu())
+        inputs.append(output.detach().reshape(-1, stream.shape[-1]))
+        raise _StopForward
+
+    handle = adapter.post_attention_norm(layer).register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            for start in range(0, stream.shape[0], batch_size):
+                batch = stream[start:start + batch_size].to(device)
+                try:
+                    layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(residuals), torch.cat(inputs)
+
+
+def advance_from_block(layer: nn.Module, adapter: MoEAdapter, residual: torch.Tensor, block_input: torch.Tensor,
+                       batch_size: int, device: torch.device) -> torch.Tensor:
+    """The layer's output for every sequence from `capture_block_input`'s residual and block input, in the
+    stream's batches (the block sees the same batches as in `run_layer`, so the result is the same bit for bit).
+    Written into `residual`'s storage, batch by batch, so the new stream costs no second stream-sized buffer."""
+    seq = residual.shape[1]
+    with torch.no_grad():
+        for start in range(0, residual.shape[0], batch_size):
+            batch = residual[start:start + batch_size].to(device)
+            x = block_input[start * seq:(start + batch.shape[0]) * seq].reshape(batch.shape)
+            residual[start:start + batch.shape[0]] = adapter.layer_output(layer, batch, x).to(residual.device)
+    return residual
+
+
 def _expert_token_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | None,
                          widest: int) -> Iterator[torch.Tensor]:
     """The rows of `expert_input` that `token_index` selects (all rows when None), a bounded chunk at a time:
@@ -298,22 +340,31 @@ def _weighted_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | Non
 
 def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None],
                      row_weights: Callable[[], torch.Tensor | None] | None = None) -> dict[str, GPTQ]:
-    """GPTQ accumulators for one group of Linears that share an input, filled by running `run_batches`
-    (which may raise _StopForward per batch: the pass stops once every Linear of the group has fired).
-    `row_weights`, when given, returns the weight of each row of the batch being run (None: unweighted); a row
-    then enters the Hessian as sqrt(w) x (see expert_hessian.py)."""
-    solvers = {name: GPTQ(linear.in_features, device=linear.weight.device) for name, linear in group}
+    """The GPTQ accumulator of one group of Linears that share an input (attention's q, k and v; a gate and up
+    projection), filled by running `run_batches` (which may raise _StopForward per batch: the pass stops once
+    every Linear of the group has fired). One Hessian serves the whole group (and so one factorisation); each
+    Linear's hook checks it sees the same input as the first. `row_weights`, when given, returns the weight of
+    each row of the batch being run (None: unweighted); a row then enters the Hessian as sqrt(w) x (see
+    expert_hessian.py). Returns the solver under every name of the group."""
+    first = group[0][1]
+    solver = GPTQ(first.in_features, device=first.weight.device)
+    batch_input: list[torch.Tensor] = []  # the input of the batch being run, as the first Linear saw it
     fired: set[str] = set()
     handles = []
     for name, linear in group:
         def hook(_module, args, _output, name=name):
-            x = args[0].detach()
-            if row_weights is not None:
-                x = weighted_rows(x.reshape(-1, x.shape[-1]), row_weights())
-            solvers[name].add_batch(x)
+            x = args[0]
+            if not fired:
+                batch_input[:] = [x]
+                x = x.detach()
+                solver.add_batch(x if row_weights is None else weighted_rows(x.reshape(-1, x.shape[-1]), row_weights()))
+            elif x is not batch_input[0] and not torch.equal(x, batch_input[0]):
+                raise RuntimeError(f"{name} does not see the same input as {group[0][0]}: the adapter groups "
+                                   "Linears with different inputs")
             fired.add(name)
             if len(fired) == len(group):
                 fired.clear()
+                batch_input.clear()
                 raise _StopForward
         handles.append(linear.register_forward_hook(hook))
     try:
@@ -321,11 +372,14 @@ def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[
     finally:
         for h in handles:
             h.remove()
-    return solvers
+    return {name: solver for name, _ in group}
 
 
 class LayerwiseQuantizer:
     """Runs QESC (or plain GPTQ / RTN) over a model's decoder layers; see the module docstring."""
+
+    # rows of one GPTQ column loop (quant.gptq.GPTQ_LOOP_ROWS); 1 quantizes one matrix at a time (same results)
+    loop_rows: int = GPTQ_LOOP_ROWS
 
     def __init__(self, model: nn.Module, config: QuantizeConfig, device: torch.device | str = "cpu",
                  progress_dir: Path | None = None, layer_source: LayerSource | None = None,
@@ -352,21 +406,45 @@ class LayerwiseQuantizer:
         self.quantized_shapes: dict[str, QuantizedShape] = {}
         self.reports: list[LayerReport] = []
 
-    # -- one quantized matrix -------------------------------------------------------------------------
-    def _quantize_matrix(self, name: str, weight: torch.Tensor, bits: int, solver: GPTQ | None,
-                         report: LayerReport) -> torch.Tensor:
-        spec = self.config.spec(bits)
-        if solver is None or self.config.method == "rtn":
-            qw = rtn_quantize(weight, spec)
-        else:
-            result = solver.quantize(weight, spec)
-            qw = result.qweight
-            report.gptq_loss[name] = float(result.loss)
+    # -- quantized matrices ---------------------------------------------------------------------------
+    def _record(self, name: str, qw: QuantizedWeight, loss: float | None, report: LayerReport,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Keep the quantized matrix `name` for the export; returns its dequantized weight in `dtype`."""
+        if loss is not None:
+            report.gptq_loss[name] = float(loss)
         # the codes leave the compute device as soon as they exist: in memory (--no-lazy) every layer's codes are
         # kept until the export, which on a GPU would add up to the whole quantized model (~45 GB for Mixtral-8x7B)
         self.quantized[name] = qw.to("cpu")
         self.quantized_shapes[name] = QuantizedShape(*qw.codes.shape, qw.bits, qw.group_size)
-        return qw.dequantize().to(weight.dtype)
+        return qw.dequantize().to(dtype)
+
+    def _quantize_matrix(self, name: str, weight: torch.Tensor, bits: int, solver: GPTQ | None,
+                         report: LayerReport) -> torch.Tensor:
+        """One matrix: GPTQ with `solver`, or round-to-nearest when it is None (or the method is rtn)."""
+        return self._quantize_matrices([(name, weight, solver)], bits, report)[0]
+
+    def _quantize_matrices(self, items: list[tuple[str, torch.Tensor, GPTQ | None]], bits: int,
+                           report: LayerReport) -> list[torch.Tensor]:
+        """Quantize (name, FP weight, solver or None for RTN) items; returns their dequantized weights in order.
+
+        Consecutive matrices of one solver are stacked by rows and consecutive solvers of equal shapes share one
+        column loop (`quant.gptq.column_loops`) while it stays small: there Python dispatch, not arithmetic,
+        bounds GPTQ, and the result is the same bit for bit as one matrix at a time."""
+        spec = self.config.spec(bits)
+        out: list[torch.Tensor | None] = [None] * len(items)
+        gptq_items = []
+        for i, (name, weight, solver) in enumerate(items):
+            if solver is None or self.config.method == "rtn":
+                out[i] = self._record(name, rtn_quantize(weight, spec), None, report, weight.dtype)
+            else:
+                gptq_items.append(i)
+        for loop in column_loops([(items[i][2], items[i][1].shape) for i in gptq_items], self.loop_rows):
+            chosen = [gptq_items[k] for k in loop]
+            results = quantize_together([items[i][2] for i in chosen], [items[i][1] for i in chosen], spec)
+            for i, result in zip(chosen, results):
+                name, weight, _solver = items[i]
+                out[i] = self._record(name, result.qweight, result.loss, report, weight.dtype)
+        return out
 
     def _quantize_linear_groups(self, prefix: str, groups: list[list[tuple[str, nn.Linear]]], bits: int,
                                 run_batches: Callable[[], None], report: LayerReport,
@@ -375,50 +453,85 @@ class LayerwiseQuantizer:
         before it)."""
         for group in groups:
             solvers = {} if self.config.method == "rtn" else collect_hessians(group, run_batches, row_weights)
-            for name, linear in group:
-                linear.weight.data = self._quantize_matrix(f"{prefix}.{name}", linear.weight.data, bits,
-                                                           solvers.get(name), report)
+            dequantized = self._quantize_matrices([(f"{prefix}.{name}", linear.weight.data, solvers.get(name))
+                                                   for name, linear in group], bits, report)
+            for (_name, linear), weight in zip(group, dequantized):
+                linear.weight.data = weight
 
     # -- routed experts -------------------------------------------------------------------------------
+    def _expert_tokens(self, routing: Routing, e: int, min_tokens: int, report: LayerReport,
+                       hessian) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+        """(round to nearest?, the rows of the block input expert `e` is calibrated on (None: all of them), their
+        Hessian weights (None: unweighted)) under the sparse-expert policy."""
+        cfg = self.config
+        token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
+        report.expert_tokens.append(int(token_index.numel()))
+        use_rtn = cfg.method == "rtn"
+        if not use_rtn and token_index.numel() < min_tokens:
+            report.sparse_experts.append(e)
+            if cfg.sparse_expert_policy == "rtn":
+                use_rtn = True
+            else:  # pool: the layer's whole token distribution stands in for the expert's own
+                token_index = None
+        # per-token weights of this expert's Hessians (None: unweighted; pooled tokens are never weighted)
+        row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
+        return use_rtn, token_index, row_weights
+
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
                                  routing: Routing, bits: int, report: LayerReport) -> None:
+        """GPTQ of every routed expert on the tokens routed to it. The gate and up projections share their input
+        (one solver, stacked rows); the down projection's input is computed with the expert's quantized gate and
+        up. Experts go through the solver a few at a time (as many as one small column loop takes: see
+        `_quantize_matrices`), so at most that many experts' Hessians exist at once."""
         adapter, cfg = self.adapter, self.config
         hessian = get_expert_hessian(cfg.expert_hessian)
         act = adapter.expert_act(block)
         num_experts = adapter.num_experts(block)
         report.expert_tokens = []
+        names = [{k: f"{prefix}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")}
+                 for e in range(num_experts)]
+        pending = []  # (expert, its weights, token index, row weights) of the experts quantized with GPTQ
         for e in range(num_experts):
-            token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
-            report.expert_tokens.append(int(token_index.numel()))
             weights = adapter.expert_weights(block, e)
-            names = {k: f"{prefix}.experts.{e}.{k}" for k in weights}
             min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
-            use_rtn = cfg.method == "rtn"
-            if not use_rtn and token_index.numel() < min_tokens:
-                report.sparse_experts.append(e)
-                if cfg.sparse_expert_policy == "rtn":
-                    use_rtn = True
-                else:  # pool: the layer's whole token distribution stands in for the expert's own
-                    token_index = None
-            solver = None
-            # per-token weights of this expert's Hessians (None: unweighted; pooled tokens are never weighted)
-            row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
-            widest = max(weights["gate_proj"].shape)
-            if not use_rtn:
+            use_rtn, token_index, row_weights = self._expert_tokens(routing, e, min_tokens, report, hessian)
+            if use_rtn:
+                gate_q, up_q, down_q = self._quantize_matrices(
+                    [(names[e][k], weights[k], None) for k in ("gate_proj", "up_proj", "down_proj")], bits, report)
+                adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
+            else:
+                pending.append((e, weights, token_index, row_weights))
+        if not pending:
+            return
+        shapes = pending[0][1]
+        per_batch = max(1, self.loop_rows // min(shapes["gate_proj"].shape[0] + shapes["up_proj"].shape[0],
+                                                 shapes["down_proj"].shape[0]))
+        for start in range(0, len(pending), per_batch):
+            batch = pending[start:start + per_batch]
+            solvers = []
+            for _e, weights, token_index, row_weights in batch:
                 solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
-                for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
+                for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape), row_weights):
                     solver.add_batch(weighted_rows(x, w))
-            gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
-            up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
-            down_solver = None
-            if not use_rtn:
+                solvers.append(solver)
+            gate_up = self._quantize_matrices(
+                [(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, solvers)
+                 for k in ("gate_proj", "up_proj")], bits, report)
+            del solvers
+            down_solvers = []
+            for (_e, weights, token_index, row_weights), gate_q, up_q in zip(batch, gate_up[0::2], gate_up[1::2]):
                 down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
                 with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
-                    for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
+                    for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape),
+                                                 row_weights):
                         down_solver.add_batch(weighted_rows(
                             act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w))
-            down_q = self._quantize_matrix(names["down_proj"], weights["down_proj"], bits, down_solver, report)
-            adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
+                down_solvers.append(down_solver)
+            downs = self._quantize_matrices(
+                [(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, down_solvers)
+                 for k in ("down_proj",)], bits, report)
+            for (e, _weights, _t, _w), gate_q, up_q, down_q in zip(batch, gate_up[0::2], gate_up[1::2], downs):
+                adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
 
     # -- one decoder layer ----------------------------------------------------------------------------
     def quantize_layer(self, index: int, fp_stream: torch.Tensor | None, q_stream: torch.Tensor | None,
@@ -456,13 +569,14 @@ class LayerwiseQuantizer:
             report.seconds["mlp"] = time.perf_counter() - t0
         else:
             block_prefix = f"{prefix}.mlp"
-            expert_input = None
-            if needs_data:
-                expert_input = capture_module_input(layer, block, q_stream, layer_kwargs, cfg.batch_size, device)
+            expert_input = residual = None
+            if needs_data:  # the block input, and the residual that the stream's advance adds the block's output to
+                residual, expert_input = capture_block_input(layer, adapter, q_stream, layer_kwargs, cfg.batch_size,
+                                                             device)
             t0 = time.perf_counter()
             if needs_fp:
-                router_input_fp = capture_module_input(fp_layer, adapter.moe_block(fp_layer), fp_stream, layer_kwargs,
-                                                       cfg.batch_size, device)
+                residual_fp, router_input_fp = capture_block_input(fp_layer, adapter, fp_stream, layer_kwargs,
+                                                                   cfg.batch_size, device)
                 num_experts = adapter.num_experts(block)
                 topk = num_experts if cfg.method == "qesc-mse" else (cfg.router_topk or adapter.default_calibration_topk(block))
                 router_weight = adapter.router_weight(block)
@@ -474,12 +588,12 @@ class LayerwiseQuantizer:
                 router_weight.data.copy_(result.weight)
                 report.router = {"topk": min(topk, num_experts), "loss_before": result.loss_before,
                                  "loss_after": result.loss_after, "best_step": result.best_step}
-                del router_input_fp
             report.seconds["router"] = time.perf_counter() - t0
             if needs_fp:  # the FP copy's last use: advance its stream now, so it is freed before the experts
                 t0 = time.perf_counter()
-                fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)
-                fp_layer = None
+                fp_stream = advance_from_block(fp_layer, adapter, residual_fp, router_input_fp, cfg.batch_size,
+                                               device)
+                fp_layer = residual_fp = router_input_fp = None
                 fp_seconds = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -507,10 +621,12 @@ class LayerwiseQuantizer:
                     dummy = Routing(logits=None, weights=None, indices=torch.empty(0, 1, dtype=torch.long))
                     self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, cfg.expert_bits[index], report)
             report.seconds["experts"] = time.perf_counter() - t0
-            del expert_input
 
         t0 = time.perf_counter()
-        if needs_data:
+        if block is not None and needs_data:  # attention is final: only the quantized block has to run
+            q_stream = advance_from_block(layer, adapter, residual, expert_input, cfg.batch_size, device)
+            residual = expert_input = None
+        elif needs_data:
             q_stream = run_layer(layer, q_stream, layer_kwargs, cfg.batch_size, device)
         if fp_layer is not None:  # a dense layer (no router): the FP stream advances here
             fp_stream = run_layer(fp_layer, fp_stream, layer_kwargs, cfg.batch_size, device)

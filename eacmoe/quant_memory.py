@@ -7,9 +7,12 @@ matrix (below):
 
     resident  R = base + skeleton (embeddings, final norm, head at b) + streams (N H b each: quantized, and FP for QESC)
     load        R + lambda_load W          transformers' fusing of the per-expert tensors (lambda_load measured)
-    router      R + 2W + 2 N H b + router  layer + FP copy (QESC), both streams' block inputs, fp32 token subsets
-    fp advance  R + 2W + N H b + 2 N H b   the FP stream through the FP copy (outputs gathered, then concatenated)
-    experts     R + W + N H b + max_e ws   the FP copy is gone; one matrix's Hessian and factorisation at a time
+    router      R + 2W + 4 N H b + router  layer + FP copy (QESC), both streams' block inputs and their residuals
+                                           (host), fp32 token subsets
+    fp advance  R + 2W + 4 N H b           the FP stream from its residual + the FP block (written into the residual)
+    experts     R + W + 2 N H b + B ws     the FP copy is gone; the block input, its residual (host); the Hessians
+                                           and factorisation of B experts' matrices at a time (B = 1 at real shapes)
+    advance     R + W + 2 N H b            the quantized stream from its residual + the quantized block
     save        R + (1 + lambda_save) W    the progress file: safetensors serializes the layer's bytes first
 
     ws(r, c) = max(4 c^2 + chunks, 25 c^2 + 4 r c, 8 c^2 + 12 r c)
@@ -17,6 +20,8 @@ matrix (below):
         column-major copy LAPACK makes for it (6 fp32 c x c), the finiteness mask of the factor (1 byte c^2), next to
         the fp32 weight; then the column loop: Hessian + inverse factor, weight, codes, losses (fp32 r x c)
     down_proj of an expert adds the gate/up solver's Hessian (4 H^2) and the quantized gate and up (2 I H b).
+    B = max(1, loop rows // min(2 I, H)) experts share the solver's column loops (quant.gptq.GPTQ_LOOP_ROWS = 1024):
+    small experts only (tiny models, not Mixtral's or Qwen3's); B ws bounds their workspace from above.
 
 On CUDA the weights of the current layer, the block inputs and the GPTQ workspace are on the device; the streams,
 the skeleton, the quantized codes (moved off as produced) and the progress files are in host memory. So the
@@ -30,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .adapters import get_adapter
+from .quant.gptq import GPTQ_LOOP_ROWS
 
 ROUTER_MAX_TOKENS = 32768          # router_calibration.RouterCalibrationConfig.max_tokens
 HESSIAN_CHUNK_BYTES = 64 * 2**20   # quant.gptq.GPTQ.max_chunk_bytes
@@ -115,7 +121,8 @@ def layer_peak(shapes: LayerShapes, tokens: int, dtype_bytes: int, method: str =
         i = shapes.expert_intermediate
         gate = gptq_workspace(i, h, expert_tokens)
         down = gptq_workspace(h, i, expert_tokens) + 4 * h * h + 2 * i * h * b
-        expert_ws = max(gate, down)
+        experts_per_loop = max(1, GPTQ_LOOP_ROWS // min(2 * i, h))
+        expert_ws = experts_per_loop * max(gate, down)
     else:  # RTN: the fp32 weight, its codes and the dequantized copy
         expert_ws = max(3 * 4 * r * c for r, c in shapes.expert_matrices)
     attention_ws = max(gptq_workspace(r, c, n) for r, c in shapes.attention) if method != "rtn" else 0
@@ -127,12 +134,15 @@ def layer_peak(shapes: LayerShapes, tokens: int, dtype_bytes: int, method: str =
     device = {
         "attention": weights + fp_copy + attention_ws,
         "router": weights + fp_copy + 2 * stream + terms["router"] if qesc else 0,
-        "fp advance": weights + fp_copy + stream if qesc else 0,
+        "fp advance": weights + fp_copy + 2 * stream if qesc else 0,
         "experts": weights + stream + expert_ws,
+        "advance": weights + stream,
     }
+    # in host memory beside the device's share: the residuals of the block inputs (one per stream alive)
+    host = {"attention": 0, "router": 2 * stream if qesc else 0, "fp advance": 2 * stream if qesc else 0,
+            "experts": stream, "advance": stream}
     phases = {"load": resident + int(lambda_load * weights),
-              **{k: resident + v + (2 * stream if k == "fp advance" else 0) for k, v in device.items()},
-              "advance": resident + weights + 2 * stream,
+              **{k: resident + v + host[k] for k, v in device.items()},
               "save": resident + int((1 + lambda_save) * weights)}
     peak_phase = max(phases, key=phases.get)
     return QuantMemory(terms=terms, phases=phases, device_phases=device, peak_phase=peak_phase,

@@ -1,12 +1,16 @@
 """The GPTQ solver against an earlier version of itself: identical output, CPU time per matrix.
 
     python scripts/bench_gptq_solver.py --baseline 686b395 --threads 1
+    python scripts/bench_gptq_solver.py --baseline 24306fb --experts 8 --threads 1
 
 The baseline's ``eacmoe/quant/gptq.py`` is read from git (``git show <commit>:eacmoe/quant/gptq.py``) and imported
 beside the current one. For each shape both solvers get the same Hessian (of correlated random inputs) and weight;
 codes, scales, zeros, g_idx and loss must be identical (both grid timings), else the script stops with an error.
 Times are CPU seconds (``time.process_time``), best of --repeats, for one matrix on a fresh solver (factorisation
 included) and for a pair of matrices on one solver (an expert's gate and up projections share their input).
+With ``--experts E`` (E > 1) a third pair of columns: E experts' gate and up projections (E solvers, 2E matrices)
+quantized one matrix at a time by the baseline and in one column loop by ``quantize_together`` (also checked
+identical, matrix by matrix); factorisations are done before timing, so the columns compare the loops.
 """
 from __future__ import annotations
 
@@ -40,6 +44,26 @@ def load_baseline(commit: str):
     return module.GPTQ
 
 
+def _hessian(cols: int, g):
+    """The Hessian of 4 x cols correlated random inputs."""
+    import torch
+
+    from eacmoe.quant import GPTQ
+
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g)
+    solver = GPTQ(cols)
+    solver.add_batch(torch.randn(4 * cols, cols, generator=g) @ mix)
+    return solver.H.clone()
+
+
+def _same(a, b) -> bool:
+    """Identical GPTQ results: codes, scales, zeros, g_idx and loss."""
+    import torch
+
+    return all(torch.equal(getattr(a.qweight, k), getattr(b.qweight, k))
+               for k in ("codes", "scales", "zeros", "g_idx")) and a.loss == b.loss
+
+
 def best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -56,33 +80,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="686b395", help="git commit of the solver to compare against")
     add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (the best is kept)")
+    p.add_argument("--experts", type=int, default=1,
+                   help="E > 1 adds the columns for E experts' gate+up quantized together (default: 1, no columns)")
     args = p.parse_args(argv)
     import torch
 
     from eacmoe.quant import GPTQ, QuantSpec
+    from eacmoe.quant.gptq import quantize_together
 
     torch.set_num_threads(args.threads)
     Old = load_baseline(args.baseline)
     g = torch.Generator().manual_seed(0)
     print(f"baseline {args.baseline} vs working tree, {torch.get_num_threads()} thread(s), CPU ms, best of "
           f"{args.repeats}\n")
+    experts = args.experts
+    layer_head = f" {experts} experts' gate+up: one by one (before) | together | x |" if experts > 1 else ""
     print("| rows x cols | group | bits | act-order | sym | one matrix: before | after | x | gate+up pair: before "
-          "| after | x |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+          "| after | x |" + layer_head)
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if experts > 1 else ""))
     for rows, cols, gs, bits, act, sym in SHAPES:
-        mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g)
-        x = torch.randn(4 * cols, cols, generator=g) @ mix
+        H, n = _hessian(cols, g), 4 * cols
         w, w2 = (torch.randn(rows, cols, generator=g) * 0.05 for _ in range(2))
         spec = QuantSpec(bits=bits, group_size=gs, act_order=act, sym=sym)
-        ref = GPTQ(cols)
-        ref.add_batch(x)
-        H, n = ref.H.clone(), ref.nsamples
         for exact in (False, True):
             a = Old.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
             b = GPTQ.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
-            same = all(torch.equal(getattr(a.qweight, k), getattr(b.qweight, k))
-                       for k in ("codes", "scales", "zeros", "g_idx")) and a.loss == b.loss
-            if not same:
+            if not _same(a, b):
                 raise SystemExit(f"error: results differ at {rows}x{cols} group {gs} bits {bits} act {act} "
                                  f"exact_group_grids {exact}")
 
@@ -94,8 +117,25 @@ def main(argv: list[str] | None = None) -> int:
         old1 = best(lambda: Old.from_hessian(H, n).quantize(w, spec), args.repeats)
         new1 = best(lambda: GPTQ.from_hessian(H, n).quantize(w, spec), args.repeats)
         old2, new2 = best(lambda: pair(Old), args.repeats), best(lambda: pair(GPTQ), args.repeats)
+        layer_cells = ""
+        if experts > 1:
+            hessians = [H] + [_hessian(cols, g) for _ in range(experts - 1)]
+            pairs = [(w, w2)] + [tuple(torch.randn(rows, cols, generator=g) * 0.05 for _ in range(2))
+                                 for _ in range(experts - 1)]
+            olds = [Old.from_hessian(h, n) for h in hessians]
+            news = [GPTQ.from_hessian(h, n) for h in hessians]
+            for solver in olds + news:  # factorise before timing: the columns compare the column loops
+                solver.quantize(w[:1], spec)
+            together = quantize_together([s for s in news for _ in range(2)], [m for pr in pairs for m in pr], spec)
+            one_by_one = [o.quantize(m, spec) for o, pr in zip(olds, pairs) for m in pr]
+            if not all(_same(a, b) for a, b in zip(one_by_one, together)):
+                raise SystemExit(f"error: quantize_together differs at {rows}x{cols} group {gs} bits {bits}")
+            old_e = best(lambda: [o.quantize(m, spec) for o, pr in zip(olds, pairs) for m in pr], args.repeats)
+            new_e = best(lambda: quantize_together([s for s in news for _ in range(2)],
+                                                   [m for pr in pairs for m in pr], spec), args.repeats)
+            layer_cells = f" {old_e * 1e3:.1f} | {new_e * 1e3:.1f} | {old_e / new_e:.2f} |"
         print(f"| {rows} x {cols} | {gs} | {bits} | {act} | {sym} | {old1 * 1e3:.1f} | {new1 * 1e3:.1f} | "
-              f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} |")
+              f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} |" + layer_cells)
     print("\nresults identical (codes, scales, zeros, g_idx, loss; both grid timings) for every shape")
     return 0
 

@@ -81,15 +81,15 @@ def stages(stats: pstats.Stats) -> list[tuple[str, float]]:
     D = "torch/utils/_contextlib.py"
     hessian_hook = cumulative_from(stats, D, "decorate_context", P, "hook")
     hessian_experts = cumulative_from(stats, D, "decorate_context", P, "_quantize_routed_experts")
-    matrix_experts = cumulative_from(stats, P, "_quantize_matrix", P, "_quantize_routed_experts")
-    matrix_attention = cumulative_from(stats, P, "_quantize_matrix", P, "_quantize_linear_groups")
-    solve = c(G, "quantize")
+    matrix_experts = cumulative_from(stats, P, "_quantize_matrices", P, "_quantize_routed_experts")
+    matrix_attention = cumulative_from(stats, P, "_quantize_matrices", P, "_quantize_linear_groups")
+    solve = c(G, "quantize_together")
     factor = c(G, "_inverse_factor")
     collect = c(P, "collect_hessians")
     experts = c(P, "_quantize_routed_experts")
     router = c("eacmoe/router_calibration.py", "calibrate_router")
-    advance = c(P, "run_layer")
-    capture = c(P, "capture_module_input")
+    advance = c(P, "run_layer") + c(P, "advance_from_block")
+    capture = c(P, "capture_block_input")
     attention = c(P, "_quantize_linear_groups")
     rows = [
         ("startup: imports, argument checks", total - job),
@@ -98,14 +98,14 @@ def stages(stats: pstats.Stats) -> list[tuple[str, float]]:
         ("Hessians X^T X (GPTQ.add_batch), attention", hessian_hook),
         ("Hessians X^T X (GPTQ.add_batch), experts", hessian_experts),
         ("damped Cholesky + inverse factor (GPTQ._inverse_factor)", factor),
-        ("GPTQ column loop + grids (GPTQ.quantize less the factorisation)", solve - factor),
-        ("dequantize + bookkeeping of each matrix (_quantize_matrix less GPTQ)",
+        ("GPTQ column loop + grids (quantize_together less the factorisation)", solve - factor),
+        ("dequantize + bookkeeping of each matrix (_quantize_matrices less GPTQ)",
          matrix_experts + matrix_attention - solve),
         ("per-expert Python loop: routing masks, token gather, down-proj inputs",
          experts - hessian_experts - matrix_experts),
-        ("expert input capture (forward up to the MoE block)", capture),
+        ("block input capture (forward up to the post-attention norm; qesc: both streams)", capture),
         ("router calibration (QESC)", router),
-        ("advance the stream(s) through the quantized layer (qesc: also the FP one)", advance),
+        ("advance the stream(s): residual + block (qesc: also the FP one)", advance),
         ("rest of each layer (FP copy, routing, attention bookkeeping)",
          layers - attention - experts - capture - router - advance),
         ("progress checkpoint per layer (for --resume)", run - layers),

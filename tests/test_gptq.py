@@ -348,3 +348,62 @@ def test_factorisation_is_shared_by_matrices_of_one_input_and_dropped_when_the_h
     last = QuantSpec(bits=2, group_size=16, block_size=32, act_order=True)  # the setting cached before add_batch
     assert _equal_results(shared.quantize(up, last), grown.quantize(up, last))
     assert not _equal_results(grown.quantize(up, last), _solver(x).quantize(up, last))  # the new inputs matter
+
+
+# ---------------------------------------------------------------- several matrices in one column loop
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_quantize_together_equals_one_matrix_at_a_time_and_the_naive_reference(act_order, exact):
+    # Three experts, each a gate and an up projection on one solver (stacked rows) with its own Hessian (the
+    # batch dimension), one of them with a dead column; every matrix must come out as if quantized alone.
+    from eacmoe.quant.gptq import quantize_together
+
+    spec = QuantSpec(bits=2, group_size=8, act_order=act_order, block_size=12)
+    solvers, weights = [], []
+    for e in range(3):
+        x = _correlated_inputs(256, 32, seed=10 + e)
+        if e == 1:
+            x[:, 5] = 0.0
+        solver = _solver(x)
+        solvers += [solver, solver]
+        weights += [_weight(6, 32, seed=20 + e), _weight(6, 32, seed=30 + e)]
+    together = quantize_together(solvers, weights, spec, exact_group_grids=exact)
+    for solver, w, res in zip(solvers, weights, together):
+        alone = _solver_like(solver).quantize(w, spec, exact_group_grids=exact)
+        assert _equal_results(res, alone)
+        assert res.qweight.codes.shape == w.shape and res.nsamples == 256
+        if exact and not act_order:  # the paper's algorithm, fp64, no blocks: an independent reference
+            assert torch.equal(res.qweight.codes.long(), _naive_gptq_codes(w, solver.H, 2, 8, False, 0.01, "float16"))
+    assert together[2].loss != together[3].loss  # (the members do differ)
+
+
+def _solver_like(solver: GPTQ) -> GPTQ:
+    return GPTQ.from_hessian(solver.H, solver.nsamples)
+
+
+def test_quantize_together_refuses_unequal_members():
+    from eacmoe.quant.gptq import quantize_together
+
+    a, b = _solver(_correlated_inputs(64, 16, seed=1)), _solver(_correlated_inputs(64, 16, seed=2))
+    spec = QuantSpec(bits=2, group_size=8)
+    with pytest.raises(ValueError, match="equal columns, equal rows"):
+        quantize_together([a, b], [_weight(4, 16), _weight(5, 16)], spec)
+    with pytest.raises(ValueError, match="one solver per weight"):
+        quantize_together([a], [_weight(4, 16), _weight(4, 16)], spec)
+
+
+def test_column_loops_stack_one_solvers_matrices_and_batch_equal_solvers_within_the_row_budget():
+    from eacmoe.quant.gptq import column_loops
+
+    a, b, c, d = (GPTQ(16) for _ in range(4))
+    # gate+up of four experts, 64 rows each: two experts (256 rows) per loop of 256 rows
+    pairs = [(s, (64, 16)) for s in (a, b, c, d) for _ in range(2)]
+    assert column_loops(pairs, 256) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert column_loops(pairs, 128) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # a solver whose matrices do not fit together is split, one matrix per loop (q of 200 rows, k and v of 50)
+    assert column_loops([(a, (200, 16)), (a, (50, 16)), (a, (50, 16))], 128) == [[0], [1, 2]]
+    # unequal shapes never share a loop, nor does one loop take more than its rows
+    assert column_loops([(a, (32, 16)), (b, (48, 16)), (c, (48, 16)), (d, (48, 16))], 100) == [[0], [1, 2], [3]]
+    assert column_loops(pairs, 1) == [[k] for k in range(8)]

@@ -42,9 +42,10 @@ class RecordingQuantizer(LayerwiseQuantizer):
         super().__init__(*args, **kwargs)
         self.hessians: dict[str, tuple[torch.Tensor, int] | None] = {}
 
-    def _quantize_matrix(self, name, weight, bits, solver, report):
-        self.hessians[name] = None if solver is None else (solver.H.clone(), solver.nsamples)
-        return super()._quantize_matrix(name, weight, bits, solver, report)
+    def _quantize_matrices(self, items, bits, report):
+        for name, _weight, solver in items:
+            self.hessians[name] = None if solver is None else (solver.H.clone(), solver.nsamples)
+        return super()._quantize_matrices(items, bits, report)
 
 
 def moe_layers(model: nn.Module, adapter) -> list[tuple[int, nn.Module]]:
@@ -345,3 +346,71 @@ def test_rtn_needs_no_data_and_is_on_grid() -> None:
     assert all(qw.bits == 3 and qw.codes.max() <= 7 for qw in experts)
     assert all(qw.bits == 4 and qw.codes.max() <= 15 for qw in attention)
     assert max(qw.codes.max() for qw in experts) == 7  # the grid is used to its full range
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_advance_from_the_captured_block_input_equals_the_layers_own_forward(name: str) -> None:
+    # The stream advances as residual + block(norm output) captured before the experts were quantized, instead
+    # of running attention again: it must be what the decoder layer's own forward returns, bit for bit.
+    from eacmoe.adapters import get_adapter
+    from eacmoe.pipeline import advance_from_block, capture_block_input, capture_layer_inputs, run_layer
+
+    model, _ = build(name)
+    adapter, cpu = get_adapter(model), torch.device("cpu")
+    stream, layer_kwargs = capture_layer_inputs(model, adapter, calib_ids(n=3), 2, cpu)
+    checked = 0
+    for layer in adapter.decoder_layers(model):
+        expected = run_layer(layer, stream, layer_kwargs, 2, cpu)
+        if adapter.moe_block(layer) is not None:
+            residual, block_input = capture_block_input(layer, adapter, stream, layer_kwargs, 2, cpu)
+            assert torch.equal(advance_from_block(layer, adapter, residual, block_input, 2, cpu), expected)
+            checked += 1
+        stream = expected
+    assert checked >= 1
+
+
+class OneMatrixAtATime(LayerwiseQuantizer):
+    loop_rows = 1
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_shared_column_loops_give_what_one_matrix_at_a_time_gives(name: str, monkeypatch) -> None:
+    from eacmoe import pipeline
+
+    loops: list[int] = []
+    original = pipeline.quantize_together
+    monkeypatch.setattr(pipeline, "quantize_together", lambda s, w, spec: loops.append(len(w)) or original(s, w, spec))
+    _, batched = quantize(name, method="gptq")
+    batched_loops, loops[:] = list(loops), []
+    _, alone = quantize(name, method="gptq", quantizer_class=OneMatrixAtATime)
+    assert set(loops) == {1} and max(batched_loops) > 2  # experts and q/k/v did share loops
+    assert batched.quantized.keys() == alone.quantized.keys()
+    for key, qw in batched.quantized.items():
+        other = alone.quantized[key]
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(qw, field), getattr(other, field)), (key, field)
+    assert batched.reports[0].gptq_loss == alone.reports[0].gptq_loss
+
+
+def test_a_group_of_linears_must_share_its_input() -> None:
+    # One Hessian serves a group (q, k, v): an adapter grouping Linears with different inputs is an error, not a
+    # silently wrong Hessian.
+    from eacmoe.pipeline import _StopForward, collect_hessians
+
+    a, b = nn.Linear(8, 4), nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+
+    def same_input():
+        try:
+            a(x), b(x.clone())  # equal values, another tensor
+        except _StopForward:
+            pass
+
+    def different_inputs():
+        a(x), b(x + 1)
+
+    solvers = collect_hessians([("a", a), ("b", b)], same_input)
+    assert solvers["a"] is solvers["b"] and solvers["a"].nsamples == 5
+    torch.testing.assert_close(solvers["a"].H, 2 * x.T @ x / 5)
+    with pytest.raises(RuntimeError, match="does not see the same input"):
+        collect_hessians([("a", a), ("b", b)], different_inputs)

@@ -216,6 +216,18 @@ class MoEAdapter(ABC):
             [("self_attn.o_proj", attn.o_proj)],
         ]
 
+    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
+        """The norm between attention and the MLP / MoE block. A decoder layer computes ``h = x + attn(norm(x))``,
+        then ``h + mlp(post_attention_norm(h))``: with the norm's input ``h`` (the residual) and output captured,
+        the layer's output needs only the block (`layer_output`), not a second pass through attention."""
+        return layer.post_attention_layernorm
+
+    def layer_output(self, layer: nn.Module, residual: Tensor, block_input: Tensor) -> Tensor:
+        """The decoder layer's output from its residual ``h`` and the norm's output (the block input), both
+        [B, S, H], as the layer's own forward computes it: ``h + mlp(block_input)``."""
+        out = getattr(layer, MLP_ATTR)(block_input)
+        return residual + (out[0] if isinstance(out, tuple) else out)
+
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The sparse MoE block of ``layer``, or None for a dense layer."""
         mlp = getattr(layer, MLP_ATTR)
