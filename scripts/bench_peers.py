@@ -260,6 +260,8 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 def _source_cell(row: dict, source: str) -> str:
     metric = (row.get("eval") or {}).get(source)
+    if row.get("eval_skipped"):
+        return "not measured (cost only)"
     if not metric:
         return "-"
     return f"{metric['ppl']:.2f} / {metric['kl']:.3f}"
@@ -431,6 +433,22 @@ def worker_gptqmodel(args) -> None:
         {"quantize_seconds": quantize_seconds, "settings": settings, "batch_size": batch}, default=str))
 
 
+def _drop_unimportable_transformers_aliases() -> None:
+    """Work around a transformers 5.17 bug that stops llm-compressor on Qwen-MoE here: with a patch mapping
+    registered (llm-compressor's `load_quantizable_moe` registers one for qwen2_moe / qwen3_moe), `apply_patches`
+    calls dir() on every transformers module in sys.modules outside its try; the legacy alias module
+    `transformers.image_processing_utils_fast` then imports the image-processing backends, which need
+    torchvision (PyPI's torchvision does not import beside the CPU torch 2.13.0 wheel). Alias modules (no
+    __file__) whose target does not import are dropped from sys.modules first: they are legacy import paths that
+    no language model uses."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers.") and getattr(module, "__file__", "") is None:
+            try:
+                dir(module)
+            except ImportError:
+                del sys.modules[name]
+
+
 def worker_llmcompressor(args) -> None:
     import torch
     from datasets import Dataset
@@ -441,8 +459,12 @@ def worker_llmcompressor(args) -> None:
 
     torch.set_num_threads(args.threads)
     ids = torch.load(args.calib_file)
+    _drop_unimportable_transformers_aliases()
     with load_quantizable_moe():  # its documented way to load an MoE for calibration (per-expert Linear)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        # float32 like the evaluation of the bundled models; a real-shape slice in its checkpoint's dtype (bf16),
+        # as GPTQModel and eacmoe load it
+        dtype = "auto" if is_real_shape_slice(args.model_dir) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = {"num_bits": args.bits, "type": "int", "symmetric": False,
@@ -502,6 +524,7 @@ def _load_compressed_tensors(path: str):
 
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     if has_linearize_load_mappings(model_type):
+        _drop_unimportable_transformers_aliases()
         with load_quantizable_moe():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         LOAD_NOTES.append("transformers' compressed-tensors loader in load_quantizable_moe")
@@ -667,6 +690,14 @@ def _evaluate(bench: Bench, method: Method, job: Job, base: Path, model_dir: str
             "load_notes": evaluated.get("load_notes"), "suite": evaluated.get("suite")}
 
 
+SLICE_NOTE = "real-shape slice: synthetic weights, cost only (scripts/make_real_shape_slice.py)"
+
+
+def is_real_shape_slice(model_dir: str) -> bool:
+    """A checkpoint written by scripts/make_real_shape_slice.py (it leaves slice.json beside the weights)."""
+    return (Path(model_dir) / "slice.json").is_file()
+
+
 def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
     """Every method on one model and scheme: the repeats interleaved (run 1 of each method, then run 2 ...), so
     that a change in the machine's load shifts all methods alike; then one evaluation per method."""
@@ -714,9 +745,12 @@ def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
                 log.warning("  %s failed: %s", name, run["error"])
     fp_row: dict[str, Any] | None = None
     done = [name for name in args.methods if "error" not in rows[name]]
-    with ThreadPoolExecutor(max_workers=args.eval_jobs) as pool:  # evaluations measure no time: may overlap
-        evaluated = dict(zip(done, pool.map(
-            lambda name: _evaluate(bench, METHODS[name], jobs[name], base, model_dir, heldout_file), done)))
+    if is_real_shape_slice(model_dir):  # random weights: perplexities would mean nothing, the row is cost only
+        evaluated = {name: {"eval_skipped": SLICE_NOTE} for name in done}
+    else:
+        with ThreadPoolExecutor(max_workers=args.eval_jobs) as pool:  # evaluations measure no time: may overlap
+            evaluated = dict(zip(done, pool.map(
+                lambda name: _evaluate(bench, METHODS[name], jobs[name], base, model_dir, heldout_file), done)))
     for name in done:
         row = rows[name]
         row.update(summarize_runs(row["runs"]))

@@ -158,3 +158,13 @@ def test_merged_runs_keep_every_row_and_command_and_refuse_other_settings(bp):
     assert merged["meta"]["versions"] == {"torch": "2.13.0", "llmcompressor": "0.14"}
     with pytest.raises(SystemExit, match="nsamples"):
         bp.merge_results([a, {**b, "meta": {**b["meta"], "nsamples": 16}}])
+
+
+def test_a_real_shape_slice_is_cost_only(bp, tmp_path):
+    # a slice (random weights) gets no held-out numbers: its cells say so instead of showing a perplexity
+    assert not bp.is_real_shape_slice(str(tmp_path))
+    (tmp_path / "slice.json").write_text("{}")
+    assert bp.is_real_shape_slice(str(tmp_path))
+    row = {**canned_rows()[0], "eval_skipped": bp.SLICE_NOTE, "time_ratio": 1.0, "cpu_ratio": 1.0, "peak_ratio": 1.0}
+    line = bp.markdown_table([row], ["bundled-test", "wikitext2"]).splitlines()[-1]
+    assert line.count("not measured (cost only)") == 2 and "50.00" not in line
