@@ -418,14 +418,10 @@ class LayerwiseQuantizer:
         self.quantized_shapes[name] = QuantizedShape(*qw.codes.shape, qw.bits, qw.group_size)
         return qw.dequantize().to(dtype)
 
-    def _quantize_matrix(self, name: str, weight: torch.Tensor, bits: int, solver: GPTQ | None,
-                         report: LayerReport) -> torch.Tensor:
-        """One matrix: GPTQ with `solver`, or round-to-nearest when it is None (or the method is rtn)."""
-        return self._quantize_matrices([(name, weight, solver)], bits, report)[0]
-
     def _quantize_matrices(self, items: list[tuple[str, torch.Tensor, GPTQ | None]], bits: int,
                            report: LayerReport) -> list[torch.Tensor]:
-        """Quantize (name, FP weight, solver or None for RTN) items; returns their dequantized weights in order.
+        """Quantize (name, FP weight, solver) items, GPTQ with the solver or round-to-nearest when it is None (or
+        the method is rtn); returns their dequantized weights in order.
 
         Consecutive matrices of one solver are stacked by rows and consecutive solvers of equal shapes share one
         column loop (`quant.gptq.column_loops`) while it stays small: there Python dispatch, not arithmetic,
