@@ -58,7 +58,7 @@ class ProgressMismatchError(ValueError):
 @dataclass
 class QuantizeConfig:
     """Everything that determines the quantized weights (saved with the progress for --resume checks)."""
-    expert_bits: list[int]
+    expert_bits: list[int]               # per layer: shared experts, dense MLP and (by default) routed experts
     method: str = "qesc"
     attn_bits: int | None = 4            # None keeps attention in full precision
     group_size: int = 128
@@ -74,6 +74,13 @@ class QuantizeConfig:
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
     batch_size: int = 8
     seed: int = 0
+    # per layer, one width per routed expert (None: the layer's width), from `--bits auto:B --per-expert-bits`
+    routed_expert_bits: list[list[int] | None] | None = None
+
+    def expert_bits_for(self, layer: int, expert: int) -> int:
+        """The width of routed expert `expert` of decoder layer `layer`."""
+        table = self.routed_expert_bits[layer] if self.routed_expert_bits is not None else None
+        return self.expert_bits[layer] if table is None else table[expert]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,6 +91,8 @@ class QuantizeConfig:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
+        if self.routed_expert_bits is not None and len(self.routed_expert_bits) != len(self.expert_bits):
+            raise ValueError(f"{len(self.routed_expert_bits)} per-expert width lists for {len(self.expert_bits)} layers")
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
@@ -408,6 +417,7 @@ class LayerwiseQuantizer:
                 solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
                 for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
                     solver.add_batch(weighted_rows(x, w))
+            bits = cfg.expert_bits_for(report.layer, e)  # per-module schedules: this expert's own width
             gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
             up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
             down_solver = None
