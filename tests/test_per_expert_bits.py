@@ -6,6 +6,7 @@ GPTQModel's `dynamic` overrides (resolved per module like GPTQModel does) and th
 tensors)."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import random
@@ -330,3 +331,32 @@ def test_the_proxy_per_expert_is_the_weighted_output_change_of_that_expert_alone
             expected = float((y_q.double() - seen[i]["y"].double()).square().sum()
                              / seen[i]["h"].double().square().sum())
             assert scores[i].routed[e] == pytest.approx(expected, rel=1e-4, abs=1e-12), (i, e)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
+@pytest.mark.parametrize("name,layer_bits", [("mixtral", [2, 2, 2]), ("qwen2_moe", [4, 2, 4])])
+def test_gptqmodel_loads_a_per_expert_schedule_with_the_logits_of_our_runtime(tmp_path: Path, name: str,
+                                                                              layer_bits: list[int]) -> None:
+    """A mixed 2/3/4-bit per-expert schedule (Qwen2-MoE: its shared experts at the layer widths, 48 wide so never
+    3-bit) exported with --format gptq: GPTQModel builds every quantized module from the `dynamic` overrides and
+    its logits equal our packed runtime's (fp16 kernel noise only, tests/test_gptq_export_gptqmodel.py)."""
+    from transformers import AutoTokenizer
+
+    from eacmoe.assets import TOKENIZER_DIR
+    from test_gptq_export_gptqmodel import RELATIVE_TOLERANCE, all_moe, gptqmodel_logits
+
+    kw = dict(bits=layer_bits, group_size=16, routed_expert_bits=MIXED)
+    model, q = quantize(name, model=all_moe(name), **kw)
+    ids = calib_ids(2, 16, seed=7)
+    packed = load(export(model, q, tmp_path / "packed"))
+    model2, q2 = quantize(name, model=all_moe(name), **kw)
+    gptq_dir = export(model2, q2, tmp_path / "gptq", fmt="gptq", tokenizer=AutoTokenizer.from_pretrained(TOKENIZER_DIR))
+    quantize_config = json.loads((gptq_dir / "quantize_config.json").read_text())
+    assert any(re.search(r"experts\\\.\d+\\\.", k) for k in quantize_config["dynamic"])  # per-expert overrides
+    theirs = gptqmodel_logits(gptq_dir, ids, tmp_path)
+    assert theirs["quantized_modules"] == len(q2.quantized), "GPTQModel did not build every quantized module"
+    assert theirs["made_up"] == [], "GPTQModel initialised tensors the checkpoint does not hold"
+    with torch.no_grad():
+        ours = packed(ids).logits
+    error = (theirs["logits"] - ours).abs().max() / ours.std()
+    assert error < RELATIVE_TOLERANCE, f"GPTQModel vs eacmoe runtime: max |diff| / std = {error:.2e}"
