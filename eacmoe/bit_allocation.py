@@ -23,10 +23,12 @@ or dense MLP one more item (the layer's width in the schedule). The budget is th
 the average over the expert weights is again at most B exactly. Per-module sensitivities come from
 
 - the sensitivity file's per-expert cells (``layers[i].experts[e].score``: the KL with only that expert 2-bit GPTQ;
-  ``python -m eacmoe.eval --sensitivity`` measures them unless ``--no-per-expert``); a layer without them gets
-  ``score x selection_frequency[e]`` (the layer's score split by the expert's share of the routed slots); the shared
-  experts of a layer get the layer's score (they see every token, as the routed experts together do; no cell
-  measures them); a dense layer the median as above; or
+  ``python -m eacmoe.eval --sensitivity`` measures them unless ``--no-per-expert``); a layer without them gets its
+  ``score`` split among its experts in proportion to the in-run proxy below, and a layer's shared experts (no cell
+  measures them; the score covers the routed experts only) ``score x proxy(shared) / sum_e proxy(e)``; a dense layer
+  the median as above. Where the proxy cannot run (a lazily loaded model) the split falls back to the experts'
+  ``selection_frequency`` share and shared experts to the layer's score, a poor guess (measured in
+  docs/QUANTIZING.md); or
 - without a file, `proxy_expert_sensitivities`: the per-layer proxy made per module, one FP pass: expert e's
   ``sum_t g_{t,e}^2 |E_e^RTN2(x_t) - E_e(x_t)|^2`` over the tokens routed to it (g: its combine weight), the shared
   experts' output change likewise, each over the energy of the layer's output. Measured against the file's per-expert
@@ -253,16 +255,29 @@ def _layer_scores(doc: dict, path: Path) -> list[float]:
     return [fill if s is None else max(0.0, float(s)) for s in scores]
 
 
-def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules],
-                               fingerprint: str | None = None) -> tuple[list[ModuleSensitivity], str]:
+def file_needs_proxy(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None) -> bool:
+    """Whether the file leaves a per-module sensitivity to the in-run proxy: a MoE layer without per-expert cells,
+    or one with shared experts (no cell measures them)."""
+    doc = _read_sensitivity_doc(path, len(modules), fingerprint)
+    return any(m.routed and (m.rest or not entry.get("experts")) for entry, m in zip(doc["layers"], modules))
+
+
+def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None,
+                              proxy: Sequence[ModuleSensitivity] | None = None
+                              ) -> tuple[list[ModuleSensitivity], str]:
     """Per-module 2-bit sensitivities from a sensitivity.json (module docstring, "Per expert") and how they were
-    obtained (for the report)."""
+    obtained (for the report). `proxy` (`proxy_expert_sensitivities`), when given, splits the layer score of a layer
+    without per-expert cells among its experts and sets its shared experts relative to its routed ones."""
     doc = _read_sensitivity_doc(path, len(modules), fingerprint)
     scores = _layer_scores(doc, path)
-    result, measured, split = [], 0, 0
+    result, measured, by_proxy, split = [], 0, 0, 0
     for i, (entry, layer, score) in enumerate(zip(doc["layers"], modules, scores)):
         n = len(layer.routed)
         cells = entry.get("experts") or []
+        guess = proxy[i] if proxy is not None and sum(proxy[i].routed) > 0 else None
+        rest = score
+        if n and guess is not None and layer.rest:  # the file's score covers the routed experts only
+            rest = score * guess.rest / sum(guess.routed)
         if n and cells:
             if sorted(int(c["expert"]) for c in cells) != list(range(n)):
                 raise AllocationError(f"--sensitivity {path}: layer {i} has per-expert cells for "
@@ -270,6 +285,9 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules],
             by_expert = {int(c["expert"]): max(0.0, float(c["score"])) for c in cells}
             routed = tuple(by_expert[e] for e in range(n))
             measured += 1
+        elif n and guess is not None:
+            routed = tuple(score * r / sum(guess.routed) for r in guess.routed)
+            by_proxy += 1
         elif n:
             share = entry.get("selection_frequency") or [1.0 / n] * n
             if len(share) != n:
@@ -279,10 +297,15 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules],
             split += 1
         else:
             routed = ()
-        result.append(ModuleSensitivity(routed, score))
-    how = f"{path} (per-expert cells in {measured} layers"
-    how += f", layer score x selection frequency in {split})" if split else ")"
-    return result, how
+        result.append(ModuleSensitivity(routed, rest))
+    parts = [f"per-expert cells in {measured} layers"]
+    if by_proxy:
+        parts.append(f"layer score split by the in-run per-module proxy in {by_proxy}")
+    if split:
+        parts.append(f"layer score x selection frequency in {split}")
+    if proxy is not None and any(m.routed and m.rest for m in modules):
+        parts.append("shared experts: layer score x their proxy / the routed experts' proxy")
+    return result, f"{path} ({'; '.join(parts)})"
 
 
 def allocate_per_expert(spec: str, modules: Sequence[LayerModules], sensitivities: Sequence[ModuleSensitivity],
@@ -336,7 +359,15 @@ def auto_expert_bits(spec: str, model: nn.Module, sensitivity: Path | None = Non
     if per_expert:
         modules = layer_modules(model)
         if sensitivity is not None:
-            scores, how = read_expert_sensitivities(sensitivity, modules, fingerprint)
+            proxy = None
+            if file_needs_proxy(sensitivity, modules, fingerprint):
+                if calib_ids is not None and calib_ids.numel():
+                    proxy = proxy_expert_sensitivities(model, calib_ids, batch_size=batch_size, group_size=group_size)
+                else:
+                    log.warning("--per-expert-bits: %s lacks per-expert cells for some layers (or the model has shared "
+                                "experts) and the in-run proxy cannot run here; splitting those layers' scores by "
+                                "selection frequency, a poor guess (docs/QUANTIZING.md)", sensitivity)
+            scores, how = read_expert_sensitivities(sensitivity, modules, fingerprint, proxy)
             return allocate_per_expert(spec, modules, scores, how)
         if calib_ids is None:
             raise AllocationError("--bits auto:B without --sensitivity needs calibration tokens for its proxy")

@@ -23,6 +23,7 @@ from .bit_allocation import (
     AllocationError,
     allocate_per_expert,
     allocation_from_sensitivities,
+    file_needs_proxy,
     is_auto_bits,
     layer_expert_params,
     layer_modules,
@@ -256,15 +257,17 @@ def check_job_for_model(job, config):
             try:
                 if getattr(job, "per_expert_bits", False):
                     modules = layer_modules(skeleton)
-                    scores, how = read_expert_sensitivities(path, modules)
-                    allocation = allocate_per_expert(job.bits, modules, scores, how)
+                    scores, how = read_expert_sensitivities(path, modules)  # the file's checks, now
+                    if not file_needs_proxy(path, modules):  # else allocated with the proxy, the model in memory
+                        allocation = allocate_per_expert(job.bits, modules, scores, how)
                 else:
                     scores = read_sensitivity_file(path, len(layers))
                     allocation = allocation_from_sensitivities(job.bits, layer_expert_params(skeleton), scores,
                                                                str(job.sensitivity))
             except AllocationError as exc:
                 raise JobError(str(exc)) from exc
-            expert_bits, routed = allocation.bits, allocation.expert_bits
+            if allocation is not None:
+                expert_bits, routed = allocation.bits, allocation.expert_bits
     else:
         expert_bits, routed = parse_bits_schedule(job.bits, len(layers))
         blocks = [adapter.moe_block(layer) for layer in layers]

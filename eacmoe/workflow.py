@@ -275,11 +275,12 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         model = loader.model
     else:
         model, _ = load_model(job.model, pick_dtype(job.dtype, device))
-    if expert_bits is None:  # --bits auto:B without a sensitivity file: the proxy, on the calibration tokens
-        if lazy:
+    if expert_bits is None:  # --bits auto:B where the allocation needs the in-run proxy, on the calibration tokens
+        if lazy and job.sensitivity is None:
             raise JobError("--bits auto:B needs --sensitivity for a lazily loaded model (the proxy needs it in memory)")
-        allocation = auto_expert_bits(job.bits, model, calib_ids=calib_ids, group_size=job.group_size,
-                                      per_expert=job.per_expert_bits)
+        allocation = auto_expert_bits(job.bits, model, calib_ids=None if lazy else calib_ids,
+                                      sensitivity=None if job.sensitivity is None else Path(job.sensitivity).expanduser(),
+                                      group_size=job.group_size, per_expert=job.per_expert_bits)
         expert_bits, routed_bits = allocation.bits, allocation.expert_bits
     if allocation is not None:
         log.info("%s: expert bits %s (average %.4f over the expert weights; sensitivities from %s)", job.bits,

@@ -21,6 +21,7 @@ from eacmoe.bit_allocation import (
     LayerModules,
     ModuleSensitivity,
     allocate_per_expert,
+    file_needs_proxy,
     layer_modules,
     parse_auto_budget,
     predicted_losses,
@@ -137,6 +138,15 @@ def test_per_expert_cells_are_read_by_expert_index(tmp_path: Path) -> None:
     assert sens[1] == ModuleSensitivity((0.2, 0.1, 0.1), 0.4)  # layer score x selection share; shared: the score
     assert sens[2] == ModuleSensitivity((), 0.45)               # dense: the median of the layer scores
     assert "per-expert cells in 1 layers" in how and "selection frequency in 1" in how
+    # with the in-run proxy: a layer without cells is split like the proxy, shared experts set against the routed
+    proxy = [ModuleSensitivity((9.0, 9.0, 9.0), 0.0), ModuleSensitivity((1.0, 3.0, 4.0), 2.0), ModuleSensitivity((), 7.0)]
+    sens, how = read_expert_sensitivities(path, modules, "abc", proxy)
+    assert sens[0] == ModuleSensitivity((0.1, 0.0, 0.3), 0.5)  # measured cells win
+    assert sens[1].routed == pytest.approx((0.05, 0.15, 0.2)) and sens[1].rest == pytest.approx(0.1)
+    assert sens[2] == ModuleSensitivity((), 0.45)
+    assert "split by the in-run per-module proxy in 1" in how
+    assert file_needs_proxy(path, modules)
+    assert not file_needs_proxy(path, [modules[0], LayerModules((), 5), modules[2]])
     path.write_text(json.dumps(_doc([{"layer": 0, "moe": True, "score": 0.5, "experts": cells[:2]},
                                      {"layer": 1, "score": 0.4}, {"layer": 2, "score": None}])))
     with pytest.raises(ValueError, match="layer 0 has per-expert cells for 2 experts, the model 3"):
