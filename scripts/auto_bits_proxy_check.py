@@ -89,6 +89,11 @@ def check_per_expert(name: str, model, ids, group: int, budgets: list[str]) -> N
 
     path = REPO / "docs" / "eval" / name / "sensitivity" / "sensitivity.json"
     modules = layer_modules(model)
+    proxy = proxy_expert_sensitivities(model, ids, group_size=group)
+    if any(m.routed and m.rest for m in modules):
+        ratios = [p.rest / sum(p.routed) for p, m in zip(proxy, modules) if m.routed and sum(p.routed) > 0]
+        print(f"{name}: proxy of the shared experts / sum of the routed experts' proxies, per MoE layer: "
+              f"{[round(r, 3) for r in ratios]} (median {statistics.median(ratios):.3f})")
     measured, how = read_expert_sensitivities(path, modules)
     if "per-expert cells in 0 layers" in how:
         print(f"{name}: the file has no per-expert cells; nothing to check per expert")
@@ -96,7 +101,6 @@ def check_per_expert(name: str, model, ids, group: int, budgets: list[str]) -> N
     doc = json.loads(path.read_text())
     split = [ModuleSensitivity(tuple(layer["score"] * f for f in layer["selection_frequency"]), m.rest)
              for layer, m in zip(doc["layers"], measured)]
-    proxy = proxy_expert_sensitivities(model, ids, group_size=group)
     flat = [v for m in measured for v in m.routed]
     for label, scores in (("in-run per-module RTN proxy", proxy), ("layer score x selection frequency", split)):
         within = statistics.mean(spearman(list(a.routed), list(b.routed)) for a, b in zip(scores, measured))
