@@ -306,6 +306,34 @@ MUTANTS: list[Mutant] = [
            "g_idx ignored (breaks act-order checkpoints)", RUNTIME_TESTS),
 ]
 
+# --------------------------------------------------------------- --per-expert-bits (tests/test_per_expert_bits.py)
+BA, PER_EXPERT_TESTS = "eacmoe/bit_allocation.py", ("tests/test_per_expert_bits.py", "-k", "not committed and not gptqmodel")
+PER_EXPERT_MUTANTS = [
+    Mutant("PE1", P, "bits = cfg.expert_bits_for(report.layer, e)",
+           "bits = cfg.expert_bits_for(report.layer, num_experts - 1 - e)", "wrong expert index in the pipeline",
+           PER_EXPERT_TESTS),
+    Mutant("PE2", BA, "routed = [chosen[(i, e)] for e in range(len(layer.routed))]",
+           "routed = [chosen[(i, e)] for e in reversed(range(len(layer.routed)))]",
+           "the allocation's table in the wrong expert order", PER_EXPERT_TESTS),
+    Mutant("PE3", BA, "routed = tuple(by_expert[e] for e in range(n))",
+           "routed = tuple(max(0.0, float(c['score'])) for c in cells)",
+           "the file's per-expert cells read by position, not by expert index", PER_EXPERT_TESTS),
+    Mutant("PE4", BA, "    capacity = capacity_bits // unit\n    steps", "    capacity = capacity_bits // unit - 1\n    steps",
+           "budget one unit short", PER_EXPERT_TESTS),
+    Mutant("PE5", BA, "    capacity = capacity_bits // unit\n    steps", "    capacity = capacity_bits // unit + 1\n    steps",
+           "budget one unit over", PER_EXPERT_TESTS),
+    Mutant("PE6", "eacmoe/export.py", 'rf"\\.{e}\\." + projections', 'rf"\\.{e}" + projections',
+           "GPTQModel dynamic regex misses the experts", PER_EXPERT_TESTS),
+    Mutant("PE7", T, "PackedLinear(fan_in, fan_out, expert_bits[e], group_size, sym)",
+           "PackedLinear(fan_in, fan_out, expert_bits[0], group_size, sym)", "one width for all experts in the runtime",
+           PER_EXPERT_TESTS),
+    Mutant("PE8", "eacmoe/plan.py", 'if not spec.linear or spec.component != "routed_experts" or table is None:',
+           "if True:", "the planner ignores the per-expert widths", PER_EXPERT_TESTS),
+    Mutant("PE9", "eacmoe/workflow.py", "expert=name not in attention)", "expert=True)",
+           "attention counted as expert weights in the average", PER_EXPERT_TESTS),
+]
+MUTANTS += PER_EXPERT_MUTANTS
+
 
 def copy_project(dest: Path) -> None:
     for name in COPIED:
