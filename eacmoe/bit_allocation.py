@@ -17,6 +17,23 @@ the squared error falls about 4x): ``loss_l(b) = s_l * 4^-(b - 2)``. Sensitiviti
   tokens, and per layer the energy of the block output's change when its experts are RTN-quantized at 2 bits,
   relative to the energy of the residual stream leaving the layer. Measured against the files: docs/QUANTIZING.md.
 
+**Per expert** (`--per-expert-bits`, `allocate_per_expert`): the same knapsack over modules instead of layers: each
+routed expert of each layer is an item (its own parameter count and sensitivity), and each layer's shared experts
+or dense MLP one more item (the layer's width in the schedule). The budget is the same sum over the same weights, so
+the average over the expert weights is again at most B exactly. Per-module sensitivities come from
+
+- the sensitivity file's per-expert cells (``layers[i].experts[e].score``: the KL with only that expert 2-bit GPTQ;
+  ``python -m eacmoe.eval --sensitivity`` measures them unless ``--no-per-expert``); a layer without them gets its
+  ``score`` split among its experts in proportion to the in-run proxy below, and a layer's shared experts (no cell
+  measures them; the score covers the routed experts only) ``score x proxy(shared) / sum_e proxy(e)``; a dense layer
+  the median as above. Where the proxy cannot run (a lazily loaded model) the split falls back to the experts'
+  ``selection_frequency`` share and shared experts to the layer's score, a poor guess (measured in
+  docs/QUANTIZING.md); or
+- without a file, `proxy_expert_sensitivities`: the per-layer proxy made per module, one FP pass: expert e's
+  ``sum_t g_{t,e}^2 |E_e^RTN2(x_t) - E_e(x_t)|^2`` over the tokens routed to it (g: its combine weight), the shared
+  experts' output change likewise, each over the energy of the layer's output. Measured against the file's per-expert
+  cells: docs/QUANTIZING.md.
+
 The knapsack is solved exactly by dynamic programming over the extra bits above 2, in units of the gcd of the
 layer sizes (coarsened, always rounding the cost up so the budget still holds, only when that table would exceed
 ``MAX_DP_CELLS``).
@@ -36,6 +53,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .schedule import common_width, format_schedule
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +158,76 @@ def layer_expert_params(model: nn.Module) -> list[int]:
     return counts
 
 
+@dataclass(frozen=True)
+class LayerModules:
+    """The weights one decoder layer's expert widths govern, as knapsack items: the parameter count of each routed
+    expert (empty for a dense layer), and of the rest, the shared experts or the dense MLP (0: none)."""
+    routed: tuple[int, ...]
+    rest: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.routed) + self.rest
+
+
+@dataclass(frozen=True)
+class ModuleSensitivity:
+    """A layer's 2-bit sensitivities per module, aligned with `LayerModules`."""
+    routed: tuple[float, ...]
+    rest: float
+
+
+def layer_modules(model: nn.Module) -> list[LayerModules]:
+    """`LayerModules` of every decoder layer (a meta skeleton is enough); their totals are `layer_expert_params`."""
+    adapter = get_adapter(model)
+    result = []
+    for layer in adapter.decoder_layers(model):
+        block = adapter.moe_block(layer)
+        if block is None:
+            groups = adapter.dense_mlp_linears(layer)
+            result.append(LayerModules((), sum(linear.weight.numel() for group in groups for _, linear in group)))
+            continue
+        routed = tuple(sum(w.numel() for w in adapter.expert_weights(block, e).values())
+                       for e in range(adapter.num_experts(block)))
+        shared = sum(linear.weight.numel() for group in adapter.shared_experts(block) for _, linear in group)
+        result.append(LayerModules(routed, shared))
+    return result
+
+
 @dataclass
 class Allocation:
     """An `auto:B` schedule and where it came from (recorded in report.json)."""
     spec: str
-    bits: list[int]
+    bits: list[int]              # per layer (with per-expert bits: its shared experts' / dense MLP's width)
     budget: float
     achieved_average: float      # sum params * bits / sum params, over the expert weights
     params: list[int]
     sensitivities: list[float]
     source: str                  # the sensitivity file, or "proxy: ..."
     rule: str = f"loss(b) = s * {ERROR_SHRINK_PER_BIT:g}^-(b-2), bits in {AUTO_CHOICES}"
+    expert_bits: list[list[int] | None] | None = None     # --per-expert-bits: per layer, each routed expert's width
+    expert_sensitivities: list[list[float] | None] | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "schedule": self.schedule}
+
+    @property
+    def per_expert(self) -> bool:
+        return self.expert_bits is not None
 
     @property
     def schedule(self) -> str:
-        """The comma list `--bits` and `python -m eacmoe.plan --bits` accept for the same schedule."""
-        return ",".join(map(str, self.bits))
+        """The comma list `--bits` and `python -m eacmoe.plan --bits` accept for the same schedule (per-module
+        entries `s:e0/e1/...` with per-expert bits, see eacmoe/schedule.py)."""
+        return format_schedule(self.bits, self.expert_bits)
 
 
 def read_sensitivity_file(path: Path, num_layers: int, fingerprint: str | None = None) -> list[float]:
     """Per-layer 2-bit sensitivities from a sensitivity.json; AllocationError when it does not fit the model."""
+    return _layer_scores(_read_sensitivity_doc(path, num_layers, fingerprint), path)
+
+
+def _read_sensitivity_doc(path: Path, num_layers: int, fingerprint: str | None) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -178,12 +243,103 @@ def read_sensitivity_file(path: Path, num_layers: int, fingerprint: str | None =
     if fingerprint is not None and doc.get("fingerprint") != fingerprint:
         raise AllocationError(f"--sensitivity {path} was measured on other weights (fingerprint "
                               f"{doc.get('fingerprint')}, this model {fingerprint})")
-    scores = [layer.get("score") for layer in layers]
+    return doc
+
+
+def _layer_scores(doc: dict, path: Path) -> list[float]:
+    scores = [layer.get("score") for layer in doc["layers"]]
     known = [float(s) for s in scores if s is not None]
     if not known:
         raise AllocationError(f"--sensitivity {path} holds no layer scores")
     fill = statistics.median(known)
     return [fill if s is None else max(0.0, float(s)) for s in scores]
+
+
+def file_needs_proxy(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None) -> bool:
+    """Whether the file leaves a per-module sensitivity to the in-run proxy: a MoE layer without per-expert cells,
+    or one with shared experts (no cell measures them)."""
+    doc = _read_sensitivity_doc(path, len(modules), fingerprint)
+    return any(m.routed and (m.rest or not entry.get("experts")) for entry, m in zip(doc["layers"], modules))
+
+
+def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None,
+                              proxy: Sequence[ModuleSensitivity] | None = None
+                              ) -> tuple[list[ModuleSensitivity], str]:
+    """Per-module 2-bit sensitivities from a sensitivity.json (module docstring, "Per expert") and how they were
+    obtained (for the report). `proxy` (`proxy_expert_sensitivities`), when given, splits the layer score of a layer
+    without per-expert cells among its experts and sets its shared experts relative to its routed ones."""
+    doc = _read_sensitivity_doc(path, len(modules), fingerprint)
+    scores = _layer_scores(doc, path)
+    result, measured, by_proxy, split = [], 0, 0, 0
+    for i, (entry, layer, score) in enumerate(zip(doc["layers"], modules, scores)):
+        n = len(layer.routed)
+        cells = entry.get("experts") or []
+        guess = proxy[i] if proxy is not None and sum(proxy[i].routed) > 0 else None
+        rest = score
+        if n and guess is not None and layer.rest:  # the file's score covers the routed experts only
+            rest = score * guess.rest / sum(guess.routed)
+        if n and cells:
+            if sorted(int(c["expert"]) for c in cells) != list(range(n)):
+                raise AllocationError(f"--sensitivity {path}: layer {i} has per-expert cells for "
+                                      f"{len(cells)} experts, the model {n}")
+            by_expert = {int(c["expert"]): max(0.0, float(c["score"])) for c in cells}
+            routed = tuple(by_expert[e] for e in range(n))
+            measured += 1
+        elif n and guess is not None:
+            routed = tuple(score * r / sum(guess.routed) for r in guess.routed)
+            by_proxy += 1
+        elif n:
+            share = entry.get("selection_frequency") or [1.0 / n] * n
+            if len(share) != n:
+                raise AllocationError(f"--sensitivity {path}: layer {i} has selection frequencies for "
+                                      f"{len(share)} experts, the model {n}")
+            routed = tuple(score * float(f) for f in share)
+            split += 1
+        else:
+            routed = ()
+        result.append(ModuleSensitivity(routed, rest))
+    parts = [f"per-expert cells in {measured} layers"]
+    if by_proxy:
+        parts.append(f"layer score split by the in-run per-module proxy in {by_proxy}")
+    if split:
+        parts.append(f"layer score x selection frequency in {split}")
+    if proxy is not None and any(m.routed and m.rest for m in modules):
+        parts.append("shared experts: layer score x their proxy / the routed experts' proxy")
+    return result, f"{path} ({'; '.join(parts)})"
+
+
+def allocate_per_expert(spec: str, modules: Sequence[LayerModules], sensitivities: Sequence[ModuleSensitivity],
+                        source: str) -> Allocation:
+    """The `auto:B --per-expert-bits` schedule: one knapsack over every routed expert and every layer's rest."""
+    if len(modules) != len(sensitivities):
+        raise ValueError("one sensitivity per layer is needed")
+    budget = parse_auto_budget(spec)
+    items: list[tuple[int, int | None]] = []   # (layer, routed expert or None for the rest)
+    params: list[int] = []
+    losses: list[dict[int, float]] = []
+    for i, (layer, sens) in enumerate(zip(modules, sensitivities)):
+        if len(sens.routed) != len(layer.routed):
+            raise ValueError(f"layer {i}: {len(sens.routed)} expert sensitivities for {len(layer.routed)} experts")
+        for e, (p, s) in enumerate(zip(layer.routed, sens.routed)):
+            items.append((i, e))
+            params.append(p)
+            losses.append(predicted_losses(s))
+        if layer.rest:
+            items.append((i, None))
+            params.append(layer.rest)
+            losses.append(predicted_losses(sens.rest))
+    chosen = dict(zip(items, allocate_bits(params, losses, budget)))
+    table: list[list[int] | None] = []
+    layer_bits: list[int] = []
+    for i, layer in enumerate(modules):
+        routed = [chosen[(i, e)] for e in range(len(layer.routed))]
+        table.append(routed or None)
+        layer_bits.append(chosen[(i, None)] if layer.rest else common_width(routed))
+    achieved = sum(p * b for p, b in zip(params, chosen.values())) / sum(params)
+    return Allocation(spec=spec, bits=layer_bits, budget=float(budget), achieved_average=achieved,
+                      params=[m.total for m in modules], sensitivities=[sum(s.routed) + s.rest for s in sensitivities],
+                      source=source, expert_bits=table,
+                      expert_sensitivities=[list(s.routed) or None for s in sensitivities])
 
 
 def allocation_from_sensitivities(spec: str, params: Sequence[int], sensitivities: Sequence[float],
@@ -197,8 +353,26 @@ def allocation_from_sensitivities(spec: str, params: Sequence[int], sensitivitie
 
 def auto_expert_bits(spec: str, model: nn.Module, sensitivity: Path | None = None,
                      calib_ids: torch.Tensor | None = None, fingerprint: str | None = None,
-                     batch_size: int = 8, group_size: int = 128) -> Allocation:
-    """The `auto:B` schedule of `model` from a sensitivity file, or (no file) from the in-run proxy on `calib_ids`."""
+                     batch_size: int = 8, group_size: int = 128, per_expert: bool = False) -> Allocation:
+    """The `auto:B` schedule of `model` from a sensitivity file, or (no file) from the in-run proxy on `calib_ids`;
+    per layer, or with `per_expert` per routed expert (module docstring)."""
+    if per_expert:
+        modules = layer_modules(model)
+        if sensitivity is not None:
+            proxy = None
+            if file_needs_proxy(sensitivity, modules, fingerprint):
+                if calib_ids is not None and calib_ids.numel():
+                    proxy = proxy_expert_sensitivities(model, calib_ids, batch_size=batch_size, group_size=group_size)
+                else:
+                    log.warning("--per-expert-bits: %s lacks per-expert cells for some layers (or the model has shared "
+                                "experts) and the in-run proxy cannot run here; splitting those layers' scores by "
+                                "selection frequency, a poor guess (docs/QUANTIZING.md)", sensitivity)
+            scores, how = read_expert_sensitivities(sensitivity, modules, fingerprint, proxy)
+            return allocate_per_expert(spec, modules, scores, how)
+        if calib_ids is None:
+            raise AllocationError("--bits auto:B without --sensitivity needs calibration tokens for its proxy")
+        scores = proxy_expert_sensitivities(model, calib_ids, batch_size=batch_size, group_size=group_size)
+        return allocate_per_expert(spec, modules, scores, f"proxy: {EXPERT_PROXY_DESCRIPTION}")
     params = layer_expert_params(model)
     if sensitivity is not None:
         scores = read_sensitivity_file(sensitivity, len(params), fingerprint)
@@ -210,6 +384,8 @@ def auto_expert_bits(spec: str, model: nn.Module, sensitivity: Path | None = Non
 
 
 PROXY_DESCRIPTION = "RTN 2-bit block-output error energy / energy of the layer's output, FP stream"
+EXPERT_PROXY_DESCRIPTION = ("per module: RTN 2-bit error energy of its combine-weighted output / energy of the "
+                            "layer's output, FP stream")
 
 
 @torch.no_grad()
@@ -264,3 +440,67 @@ def _block_outputs(adapter, mlp: nn.Module, moe: bool, x: torch.Tensor, rtn) -> 
             linear.weight.data = rtn(linear.weight.data)
     routing = adapter.route(mlp, x)
     return adapter.moe_forward(mlp, x, routing), adapter.moe_forward(quantized, x, routing)
+
+
+@torch.no_grad()
+def proxy_expert_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
+                               group_size: int = 128, device: torch.device | str = "cpu") -> list[ModuleSensitivity]:
+    """Per decoder layer and module, on the FP stream: routed expert e's ``sum_t g_{t,e}^2 |E_e^RTN2(x_t) -
+    E_e(x_t)|^2`` over the tokens the FP router sends to it, the shared experts' (gated) output change, or the
+    dense MLP's, each over ``sum_t |h_t|^2`` (h: the residual stream leaving the layer). One FP pass, no GPTQ."""
+    import copy
+
+    from .pipeline import _first, _kwargs_for, capture_layer_inputs, capture_module_input  # no cycle at import
+    from .quant import QuantSpec, rtn_quantize
+
+    adapter = get_adapter(model)
+    device = torch.device(device)
+    stream, layer_kwargs = capture_layer_inputs(model, adapter, calib_ids, batch_size, device)
+    spec = QuantSpec(bits=2, group_size=group_size)
+
+    def rtn(w: torch.Tensor) -> torch.Tensor:
+        return rtn_quantize(w, spec).dequantize().to(w.dtype)
+
+    def energy(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).square().sum())
+
+    result = []
+    for layer in adapter.decoder_layers(model):
+        layer.to(device)
+        block = adapter.moe_block(layer)
+        mlp = block if block is not None else layer.mlp
+        x = capture_module_input(layer, mlp, stream, layer_kwargs, batch_size, device)
+        routed, rest = [], 0.0
+        if block is None:
+            reference, quantized = _block_outputs(adapter, mlp, False, x, rtn)
+            rest = energy(quantized, reference)
+        else:
+            routing = adapter.route(block, x)
+            act = adapter.expert_act(block)
+            for e in range(adapter.num_experts(block)):
+                hit = routing.indices == e
+                rows = hit.any(dim=-1).nonzero().squeeze(-1)
+                g = (routing.weights * hit).sum(dim=-1)[rows].unsqueeze(-1)
+                w = adapter.expert_weights(block, e)
+                wq = {k: rtn(v) for k, v in w.items()}
+                xe = x[rows]
+
+                def expert(p):
+                    return (act(xe @ p["gate_proj"].T) * (xe @ p["up_proj"].T)) @ p["down_proj"].T
+                routed.append(energy(g * expert(wq), g * expert(w)))
+            shared = adapter.shared_experts(block)
+            if shared:
+                quantized = copy.deepcopy(block)
+                for group in adapter.shared_experts(quantized):
+                    for _, linear in group:
+                        linear.weight.data = rtn(linear.weight.data)
+                rest = energy(adapter.shared_output(quantized, x), adapter.shared_output(block, x))
+        outputs = []
+        for start in range(0, stream.shape[0], batch_size):
+            batch = stream[start:start + batch_size].to(device)
+            outputs.append(_first(layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))).cpu())
+        stream = torch.cat(outputs)
+        norm = max(float(stream.double().square().sum()), 1e-30)
+        result.append(ModuleSensitivity(tuple(r / norm for r in routed), rest / norm))
+        layer.to("cpu")
+    return result

@@ -293,13 +293,20 @@ def is_packed_export(directory: str | Path) -> bool:
 
 def gptq_quantize_config(module_specs: dict, metadata: dict) -> dict:
     """GPTQModel's quantize_config: the most common bit width as ``bits``; every module with another width as a
-    ``dynamic`` override (an anchored regex of its path, as GPTQModel matches module names)."""
-    widths = [spec["bits"] for spec in module_specs.values()]
+    ``dynamic`` override (an anchored regex of its path, as GPTQModel matches module names): one for all experts
+    of a layer when they share a width, else one per expert whose width differs (per-module schedules)."""
+    widths = [b for spec in module_specs.values()
+              for b in (spec["bits"] if isinstance(spec["bits"], list) else [spec["bits"]])]
     default_bits = max(set(widths), key=widths.count)
+    projections = "(" + "|".join(EXPERT_PROJS) + ")$"
     dynamic = {}
     for name, spec in module_specs.items():
-        if spec["bits"] != default_bits:
-            pattern = re.escape(name) + (r"\.\d+\.(gate_proj|up_proj|down_proj)$" if spec["kind"] == "experts" else "$")
+        if isinstance(spec["bits"], list):  # experts of one layer at different widths
+            for e, bits in enumerate(spec["bits"]):
+                if bits != default_bits:
+                    dynamic["+:^" + re.escape(name) + rf"\.{e}\." + projections] = {"bits": bits}
+        elif spec["bits"] != default_bits:
+            pattern = re.escape(name) + (r"\.\d+\." + projections if spec["kind"] == "experts" else "$")
             dynamic["+:^" + pattern] = {"bits": spec["bits"]}
     first = next(iter(module_specs.values()))
     return {"bits": default_bits, "group_size": first["group_size"], "desc_act": bool(metadata.get("act_order")),
@@ -319,7 +326,8 @@ def _write_gptq_config(out_dir: Path, base_config: dict, module_specs: dict, qua
     if quantize_config["group_size"] not in (-1, 16, 32, 64, 128, 256, 512, 1024):
         log.warning("group size %d: GPTQModel's kernels accept -1 or 16..1024 (powers of two) only",
                     quantize_config["group_size"])
-    expert_bits = {spec["bits"] for spec in module_specs.values() if spec["kind"] == "experts"}
+    expert_bits = {b for spec in module_specs.values() if spec["kind"] == "experts"
+                   for b in (spec["bits"] if isinstance(spec["bits"], list) else [spec["bits"]])}
     if expert_bits - {4, 8}:
         log.warning("experts at %s bits: GPTQModel loads this; vLLM's MoE kernels take 4- or 8-bit experts only",
                     sorted(expert_bits))

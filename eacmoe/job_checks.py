@@ -21,10 +21,14 @@ from . import output_dir
 from .adapters import get_adapter
 from .bit_allocation import (
     AllocationError,
+    allocate_per_expert,
     allocation_from_sensitivities,
+    file_needs_proxy,
     is_auto_bits,
     layer_expert_params,
+    layer_modules,
     parse_auto_budget,
+    read_expert_sensitivities,
     read_sensitivity_file,
 )
 from .assets import BUNDLED_MODELS, resolve_model
@@ -32,7 +36,7 @@ from .expert_hessian import EXPERT_HESSIANS
 from .export import EXPORT_FORMATS, is_packed_export
 from .lazy_loading import build_skeleton
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
-from .schedule import ALLOWED_BITS, BitsError, check_group_size, parse_expert_bits
+from .schedule import ALLOWED_BITS, BitsError, check_expert_counts, check_group_size, parse_bits_schedule
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ def _check_auto_bits(job) -> None:
             parse_auto_budget(job.bits)
         except AllocationError as exc:
             raise JobError(str(exc)) from exc
+    if getattr(job, "per_expert_bits", False) and not auto:
+        raise JobError(f"--per-expert-bits is only used with --bits auto:B (got --bits {job.bits})")
     sensitivity = getattr(job, "sensitivity", None)
     if sensitivity is not None:
         if not auto:
@@ -160,7 +166,8 @@ def check_model_source(name: str) -> None:
 
 
 def default_out(job) -> Path:
-    return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{str(job.bits).replace(':', '')}"
+    bits = str(job.bits).replace(":", "").replace("/", "-") + ("e" if getattr(job, "per_expert_bits", False) else "")
+    return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{bits}"
 
 
 def check_output(job) -> JobPaths:
@@ -236,24 +243,35 @@ def check_group_size_for_model(model: nn.Module, group_size: int, attention: boo
 
 def check_job_for_model(job, config):
     """The flags against the architecture of `config` (a skeleton on the meta device, nothing read); returns
-    the experts' bit width per decoder layer and, for `--bits auto:B`, the `bit_allocation.Allocation` behind it
-    (else None). With auto bits and no sensitivity file the widths are (None, None): the in-run proxy sets them."""
+    the experts' bit width per decoder layer, the per-routed-expert widths of a per-module schedule (else None) and,
+    for `--bits auto:B`, the `bit_allocation.Allocation` behind them (else None). With auto bits and no sensitivity
+    file the widths are None: the in-run proxy sets them."""
     skeleton = build_skeleton(config, torch.float32)
     adapter = get_adapter(skeleton)
     layers = adapter.decoder_layers(skeleton)
-    allocation = None
+    allocation = routed = None
     if is_auto_bits(job.bits):
         expert_bits = None
         if getattr(job, "sensitivity", None) is not None:
+            path = Path(job.sensitivity).expanduser()
             try:
-                scores = read_sensitivity_file(Path(job.sensitivity).expanduser(), len(layers))
-                allocation = allocation_from_sensitivities(job.bits, layer_expert_params(skeleton), scores,
-                                                           str(job.sensitivity))
+                if getattr(job, "per_expert_bits", False):
+                    modules = layer_modules(skeleton)
+                    scores, how = read_expert_sensitivities(path, modules)  # the file's checks, now
+                    if not file_needs_proxy(path, modules):  # else allocated with the proxy, the model in memory
+                        allocation = allocate_per_expert(job.bits, modules, scores, how)
+                else:
+                    scores = read_sensitivity_file(path, len(layers))
+                    allocation = allocation_from_sensitivities(job.bits, layer_expert_params(skeleton), scores,
+                                                               str(job.sensitivity))
             except AllocationError as exc:
                 raise JobError(str(exc)) from exc
-            expert_bits = allocation.bits
+            if allocation is not None:
+                expert_bits, routed = allocation.bits, allocation.expert_bits
     else:
-        expert_bits = parse_expert_bits(job.bits, len(layers))
+        expert_bits, routed = parse_bits_schedule(job.bits, len(layers))
+        blocks = [adapter.moe_block(layer) for layer in layers]
+        check_expert_counts(routed, [None if b is None else adapter.num_experts(b) for b in blocks])
     check_group_size_for_model(skeleton, job.group_size, attention=job.attn_bits is not None)
     if job.method == "qesc" and job.router_topk is not None:
         experts = min(adapter.num_experts(block) for block in map(adapter.moe_block, layers) if block is not None)
@@ -264,4 +282,4 @@ def check_job_for_model(job, config):
     for name, value in lengths.items():
         if context and value is not None and value > context:
             raise JobError(f"{flag(name)} {value} is longer than the model's context of {context} tokens")
-    return expert_bits, allocation
+    return expert_bits, routed, allocation

@@ -59,7 +59,7 @@ class ProgressMismatchError(ValueError):
 @dataclass
 class QuantizeConfig:
     """Everything that determines the quantized weights (saved with the progress for --resume checks)."""
-    expert_bits: list[int]
+    expert_bits: list[int]               # per layer: shared experts, dense MLP and (by default) routed experts
     method: str = "qesc"
     attn_bits: int | None = 4            # None keeps attention in full precision
     group_size: int = 128
@@ -75,6 +75,13 @@ class QuantizeConfig:
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
     batch_size: int = 8
     seed: int = 0
+    # per layer, one width per routed expert (None: the layer's width), from `--bits auto:B --per-expert-bits`
+    routed_expert_bits: list[list[int] | None] | None = None
+
+    def expert_bits_for(self, layer: int, expert: int) -> int:
+        """The width of routed expert `expert` of decoder layer `layer`."""
+        table = self.routed_expert_bits[layer] if self.routed_expert_bits is not None else None
+        return self.expert_bits[layer] if table is None else table[expert]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +92,8 @@ class QuantizeConfig:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
+        if self.routed_expert_bits is not None and len(self.routed_expert_bits) != len(self.expert_bits):
+            raise ValueError(f"{len(self.routed_expert_bits)} per-expert width lists for {len(self.expert_bits)} layers")
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
@@ -474,7 +483,7 @@ class LayerwiseQuantizer:
         return use_rtn, token_index, row_weights
 
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
-                                 routing: Routing, bits: int, report: LayerReport) -> None:
+                                 routing: Routing, report: LayerReport) -> None:
         """GPTQ of every routed expert on the tokens routed to it. The gate and up projections share their input
         (one solver, stacked rows); the down projection's input is computed with the expert's quantized gate and
         up. Experts go through the solver a few at a time (as many as one small column loop takes: see
@@ -491,31 +500,36 @@ class LayerwiseQuantizer:
             weights = adapter.expert_weights(block, e)
             min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
             use_rtn, token_index, row_weights = self._expert_tokens(routing, e, min_tokens, report, hessian)
+            expert_bits = cfg.expert_bits_for(report.layer, e)  # per-module schedules: this expert's own width
             if use_rtn:
                 gate_q, up_q, down_q = self._quantize_matrices(
-                    [(names[e][k], weights[k], None) for k in ("gate_proj", "up_proj", "down_proj")], bits, report)
+                    [(names[e][k], weights[k], None) for k in ("gate_proj", "up_proj", "down_proj")], expert_bits,
+                    report)
                 adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
             else:
-                pending.append((e, weights, token_index, row_weights))
+                pending.append((e, weights, token_index, row_weights, expert_bits))
         if not pending:
             return
         shapes = pending[0][1]
         per_batch = max(1, self.loop_rows // min(shapes["gate_proj"].shape[0] + shapes["up_proj"].shape[0],
                                                  shapes["down_proj"].shape[0]))
-        for start in range(0, len(pending), per_batch):
-            batch = pending[start:start + per_batch]
+        # a batch shares one width (one column loop, one grid): experts of equal width are batched together
+        batches = [[p for p in pending if p[4] == width] for width in dict.fromkeys(p[4] for p in pending)]
+        batches = [group[i:i + per_batch] for group in batches for i in range(0, len(group), per_batch)]
+        for batch in batches:
+            bits = batch[0][4]
             solvers = []
-            for _e, weights, token_index, row_weights in batch:
+            for _e, weights, token_index, row_weights, _b in batch:
                 solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
                 for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape), row_weights):
                     solver.add_batch(weighted_rows(x, w))
                 solvers.append(solver)
             gate_up = self._quantize_matrices(
-                [(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, solvers)
+                [(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, solvers)
                  for k in ("gate_proj", "up_proj")], bits, report)
             del solvers
             down_solvers = []
-            for (_e, weights, token_index, row_weights), gate_q, up_q in zip(batch, gate_up[0::2], gate_up[1::2]):
+            for (_e, weights, token_index, row_weights, _b), gate_q, up_q in zip(batch, gate_up[0::2], gate_up[1::2]):
                 down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
                 with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
                     for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape),
@@ -524,9 +538,9 @@ class LayerwiseQuantizer:
                             act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w))
                 down_solvers.append(down_solver)
             downs = self._quantize_matrices(
-                [(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, down_solvers)
+                [(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, down_solvers)
                  for k in ("down_proj",)], bits, report)
-            for (e, _weights, _t, _w), gate_q, up_q, down_q in zip(batch, gate_up[0::2], gate_up[1::2], downs):
+            for (e, _weights, _t, _w, _b), gate_q, up_q, down_q in zip(batch, gate_up[0::2], gate_up[1::2], downs):
                 adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
 
     # -- one decoder layer ----------------------------------------------------------------------------
@@ -612,10 +626,10 @@ class LayerwiseQuantizer:
             with torch.no_grad():
                 if needs_data:
                     routing = adapter.route(block, expert_input)
-                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, cfg.expert_bits[index], report)
+                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, report)
                 else:
                     dummy = Routing(logits=None, weights=None, indices=torch.empty(0, 1, dtype=torch.long))
-                    self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, cfg.expert_bits[index], report)
+                    self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, report)
             report.seconds["experts"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

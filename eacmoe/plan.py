@@ -24,7 +24,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from .adapters import MoEAdapter, UnsupportedModelError, get_adapter, supported_
 from .adapters.base import COMPONENTS, WeightSpec
 from .assets import ASSETS_DIR, BUNDLED_MODELS, bundled_model_path
 from .cli import OneLineErrorParser, one_line, print_error
-from .schedule import ALLOWED_BITS, BitsError, check_group_size, parse_expert_bits
+from .schedule import ALLOWED_BITS, BitsError, check_group_size, format_schedule, parse_bits_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,8 @@ class BitsPlan:
     attn_bits: int | None
     group_size: int
     spec: str  # the --bits spec as normalized (paper labels mapped), for reports and the paper lookup
+    # a per-module schedule (eacmoe/schedule.py): per layer, one width per routed expert (None: the layer's width)
+    routed_expert_bits: tuple[tuple[int, ...] | None, ...] | None = None
 
     def bits_for(self, spec: WeightSpec) -> int | None:
         """Storage bits of a weight: None = 16-bit (never-quantized kinds, or a 16-bit schedule)."""
@@ -179,6 +181,18 @@ class BitsPlan:
             return self.attn_bits
         return self.expert_bits[spec.layer]  # routed/shared experts and dense MLPs follow the layer's width
 
+    def widths_for(self, spec: WeightSpec) -> list[tuple[int | None, int]]:
+        """(storage bits, copies) of the tensors of one inventory entry: the routed experts of a layer with
+        per-expert widths split by width, everything else one width for all its copies."""
+        table = (self.routed_expert_bits[spec.layer]
+                 if self.routed_expert_bits is not None and spec.layer is not None else None)
+        if not spec.linear or spec.component != "routed_experts" or table is None:
+            return [(self.bits_for(spec), spec.copies)]
+        if len(table) != spec.copies:
+            raise PlanError(f"--bits: layer {spec.layer} has {spec.copies} routed experts but its entry gives "
+                            f"{len(table)} widths")
+        return [(b, table.count(b)) for b in sorted(set(table))]
+
     @property
     def quantizes(self) -> bool:
         """Whether anything is quantized at all (else the group size is irrelevant)."""
@@ -186,9 +200,15 @@ class BitsPlan:
 
     def describe(self) -> str:
         experts = _describe_layer_bits(self.expert_bits)
+        if self.routed_expert_bits is not None:
+            experts = f"per module {format_schedule(list(self.expert_bits), _lists(self.routed_expert_bits))}"
         attention = "16-bit" if self.attn_bits is None else f"{self.attn_bits}-bit"
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         return f"experts/dense MLPs {experts}; attention {attention}" + (f"; GPTQ {group}" if self.quantizes else "")
+
+
+def _lists(table) -> list[list[int] | None]:
+    return [None if t is None else list(t) for t in table]
 
 
 def _describe_layer_bits(bits: Sequence[int | None]) -> str:
@@ -213,7 +233,8 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
     """Validate ``--bits`` / ``--attn-bits`` / ``--group-size``.
 
     ``bits``: 16 (no quantization), 2, 3, 4, 8, 2.5 (first half of the layers 3-bit, second half 2-bit), a
-    comma list with one width per decoder layer, or the paper's labels 2.06 / 2.54 / 3.03 (= 2 / 2.5 / 3).
+    comma list with one width per decoder layer (or, per-module, per routed expert: eacmoe/schedule.py), or the
+    paper's labels 2.06 / 2.54 / 3.03 (= 2 / 2.5 / 3).
     ``attn_bits`` None: 4 when anything else is quantized, else 16 (so ``--bits 16`` is the FP16 model).
     """
     spec = PAPER_BITS_LABELS.get(str(bits).strip(), str(bits).strip())
@@ -221,14 +242,16 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
         raise PlanError(f"--bits {spec}: the planner sizes a fixed schedule; give the per-layer list that "
                         "python -m eacmoe.quantize --bits auto:B prints (report.json bit_allocation.bits), e.g. "
                         "--bits 3,2,2,2,2,3,3,3")
+    routed = None
     if spec in ("16", "fp16", "bf16"):
         expert_bits: list[int | None] = [None] * num_layers
         spec = "16"
     else:
         try:
-            expert_bits = list(parse_expert_bits(spec, num_layers))
+            layer_bits, routed = parse_bits_schedule(spec, num_layers)
         except BitsError as exc:
             raise PlanError(f"{exc}; 16 keeps the experts in 16-bit") from exc
+        expert_bits = list(layer_bits)
     if attn_bits is None:
         attn = None if spec == "16" else 4
     else:
@@ -243,7 +266,8 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
         check_group_size(group_size, ())  # against the model's widths in plan_memory
     except BitsError as exc:
         raise PlanError(str(exc)) from exc
-    return BitsPlan(tuple(expert_bits), attn, group_size, spec)
+    return BitsPlan(tuple(expert_bits), attn, group_size, spec,
+                    None if routed is None else tuple(None if r is None else tuple(r) for r in routed))
 
 
 # ---------------------------------------------------------------------------------------------------- sizing
@@ -405,6 +429,8 @@ class MemoryPlan:
             "schedule": {
                 "bits": self.bits.spec,
                 "expert_bits_per_layer": [16 if b is None else b for b in self.bits.expert_bits],
+                "routed_expert_bits": (None if self.bits.routed_expert_bits is None
+                                       else _lists(self.bits.routed_expert_bits)),
                 "attn_bits": 16 if self.bits.attn_bits is None else self.bits.attn_bits,
                 "group_size": self.bits.group_size,
                 "description": self.bits.describe(),
@@ -464,14 +490,20 @@ def plan_memory(
         raise PlanError(str(exc)) from exc
     components = {name: StorageBytes() for name in COMPONENTS}
     rows: dict[tuple[str, str, tuple[int, ...], int | None], TensorRow] = {}
+    if bits.routed_expert_bits is not None:
+        moe = [adapter.config_is_moe_layer(config, i) for i in range(config.num_hidden_layers)]
+        dense = [i for i, t in enumerate(bits.routed_expert_bits) if t is not None and not moe[i]]
+        if dense:
+            raise PlanError(f"--bits: layer {dense[0]} is dense (no routed experts) but its entry gives per-expert widths")
     for spec in inventory:
-        width = bits.bits_for(spec)
-        storage = weight_spec_bytes(spec, width, bits.group_size)
-        components[spec.component].add(storage)
-        key = (spec.component, spec.name, spec.shape, width)
-        row = rows.setdefault(key, TensorRow(spec.component, spec.name, spec.shape, width, 0, StorageBytes()))
-        row.tensors += spec.copies
-        row.storage.add(storage)
+        for width, copies in bits.widths_for(spec):
+            part = replace(spec, copies=copies)
+            storage = weight_spec_bytes(part, width, bits.group_size)
+            components[spec.component].add(storage)
+            key = (spec.component, spec.name, spec.shape, width)
+            row = rows.setdefault(key, TensorRow(spec.component, spec.name, spec.shape, width, 0, StorageBytes()))
+            row.tensors += copies
+            row.storage.add(storage)
     components = {name: s for name, s in components.items() if s.params}
     notes = _notes(config, bits, inventory)
     plan = MemoryPlan(
@@ -592,8 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"with AutoConfig (online). Default: {DEFAULT_CONFIG}")
     p.add_argument("--bits", default="3",
                    help="expert (and dense-MLP) bits: 16 (unquantized), 2, 3, 4, 8; 2.5 = first half of the layers "
-                        "3-bit, second half 2-bit; a comma list with one width per decoder layer; the paper's labels "
-                        "2.06 / 2.54 / 3.03 mean 2 / 2.5 / 3. Default: 3")
+                        "3-bit, second half 2-bit; a comma list with one width per decoder layer, where a MoE layer's "
+                        "entry may give one width per routed expert (2/3/2/..., optionally 4:2/3/2/... with the shared "
+                        "experts' width first), as python -m eacmoe.quantize --bits auto:B --per-expert-bits prints; "
+                        "the paper's labels 2.06 / 2.54 / 3.03 mean 2 / 2.5 / 3. Default: 3")
     p.add_argument("--attn-bits", default=None,
                    help="attention bits: 2, 3, 4, 8 or 16 (unquantized). Default: 4, or 16 with --bits 16")
     p.add_argument("--group-size", type=int, default=128,

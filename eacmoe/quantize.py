@@ -31,10 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(EAC-MoE); a comma list with one width per decoder layer; or auto:B (e.g. auto:2.5): "
                         "per-layer widths from {2,3,4} averaging at most B over the expert weights, chosen by a "
                         "knapsack on --sensitivity or, without it, on a proxy measured in the run "
-                        "(eacmoe/bit_allocation.py)")
+                        "(eacmoe/bit_allocation.py); a layer's entry in the list may give one width per routed "
+                        "expert, 2/3/2/..., optionally after its shared experts' width and a colon (4:2/3/2/...), "
+                        "as --per-expert-bits prints")
     p.add_argument("--sensitivity", default=None, metavar="FILE",
                    help="for --bits auto:B: the sensitivity.json of python -m eacmoe.eval --sensitivity, measured on "
                         "this model's weights (per-layer KL of 2-bit GPTQ experts)")
+    p.add_argument("--per-expert-bits", action="store_true",
+                   help="with --bits auto:B: choose the widths per routed expert (and per layer for shared experts "
+                        "and dense MLPs) instead of per layer, under the same budget; sensitivities from the "
+                        "--sensitivity file's per-expert cells, or an in-run per-expert proxy")
     p.add_argument("--attn-bits", type=int, default=4, help="attention bits (2, 3, 4, 8; 16 keeps attention FP)")
     p.add_argument("--method", choices=METHODS, default="qesc",
                    help="rtn: round-to-nearest; gptq: GPTQ, routers untouched; qesc: GPTQ + TopK-MSE router "
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                       sparse_expert_policy=args.sparse_expert_policy, expert_hessian=args.expert_hessian,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      lazy=args.lazy, format=args.format, threads=args.threads, sensitivity=args.sensitivity)
+                      lazy=args.lazy, format=args.format, threads=args.threads, sensitivity=args.sensitivity,
+                      per_expert_bits=args.per_expert_bits)
     try:
         report = run_job(job)
     except (JobError, BitsError, CalibrationDataError, UnsupportedModelError, NonFiniteWeightsError) as exc:

@@ -14,10 +14,11 @@ def format_summary(report: dict) -> str:
              f"size {report['size_bytes'] / 2**20:.1f} MiB"]
     allocation = report.get("bit_allocation")
     if allocation:
-        lines.append(f"{allocation['spec']}: expert bits per layer {allocation['bits']} (average "
-                     f"{allocation['achieved_average']:.4f} over the expert weights; sensitivities: "
+        per = "module" if allocation.get("expert_bits") else "layer"
+        lines.append(f"{allocation['spec']}: expert bits per {per} {allocation.get('schedule') or allocation['bits']} "
+                     f"(average {allocation['achieved_average']:.4f} over the expert weights; sensitivities: "
                      f"{allocation['source']}); the same schedule for --bits / eacmoe.plan: "
-                     f"{','.join(map(str, allocation['bits']))}")
+                     f"{allocation.get('schedule') or ','.join(map(str, allocation['bits']))}")
     lines.append("")
     header = f"{'held-out':<13}{'FP ppl':>9}{'quant ppl':>11}{'oracle':>9}{'FP+qroute':>11}{'KL(FP||q)':>11}" \
              f"{'shift all':>11}{'any':>7}{'half':>7}"

@@ -92,6 +92,7 @@ class QuantizeJob:
     format: str = "packed"       # packed | gptq | dequantized, see eacmoe.export
     threads: int | None = None   # torch CPU threads; None keeps torch's default (recorded either way)
     sensitivity: str | None = None  # sensitivity.json for --bits auto:B (else the in-run proxy)
+    per_expert_bits: bool = False   # --bits auto:B: widths per routed expert instead of per layer
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -133,9 +134,14 @@ def load_model(name_or_path: str, dtype: torch.dtype | str):
 
 
 def bits_account(quantizer: LayerwiseQuantizer) -> BitsAccount:
+    """The bits of every quantized matrix as it was quantized, by name; attention apart from the expert weights."""
+    adapter = quantizer.adapter
+    attention = {f"layers.{i}.{name}" for i, layer in enumerate(quantizer.layers)
+                 for group in adapter.attention_linears(layer) for name, _ in group}
     account = BitsAccount()
-    for shape in quantizer.quantized_shapes.values():
-        account.add_quantized(shape.rows, shape.columns, shape.bits, shape.group_size)
+    for name, shape in quantizer.quantized_shapes.items():
+        account.add_quantized(shape.rows, shape.columns, shape.bits, shape.group_size, name=name,
+                              expert=name not in attention)
     total = sum(p.numel() for p in quantizer.model.parameters())
     account.fp_params = total - account.quantized_params
     return account
@@ -162,6 +168,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
     uses_data = job.method != "rtn"
     return {
         "tool": "eacmoe", "source_model": job.model, "method": job.method, "expert_bits": list(qconfig.expert_bits),
+        "routed_expert_bits": qconfig.routed_expert_bits,
         "attn_bits": job.attn_bits, "group_size": job.group_size, "sym": job.sym,
         "act_order": job.act_order and uses_data, "scale_dtype": "float16",
         "average_bits_paper": account.paper_average_bits, "average_bits_true": account.true_average_bits,
@@ -249,7 +256,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
     t0 = time.perf_counter()
     source_config = load_config(job.model)
     storage_dtype = as_torch_dtype(None, source_config)  # the checkpoint's own dtype, for what stays unquantized
-    expert_bits, allocation = check_job_for_model(job, source_config)
+    expert_bits, routed_bits, allocation = check_job_for_model(job, source_config)
     context = getattr(source_config, "max_position_embeddings", None) or 2048
     job.seqlen = job.seqlen or min(2048, context)
     job.eval_seqlen = job.eval_seqlen or min(512, context)
@@ -268,11 +275,13 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         model = loader.model
     else:
         model, _ = load_model(job.model, pick_dtype(job.dtype, device))
-    if expert_bits is None:  # --bits auto:B without a sensitivity file: the proxy, on the calibration tokens
-        if lazy:
+    if expert_bits is None:  # --bits auto:B where the allocation needs the in-run proxy, on the calibration tokens
+        if lazy and job.sensitivity is None:
             raise JobError("--bits auto:B needs --sensitivity for a lazily loaded model (the proxy needs it in memory)")
-        allocation = auto_expert_bits(job.bits, model, calib_ids=calib_ids, group_size=job.group_size)
-        expert_bits = allocation.bits
+        allocation = auto_expert_bits(job.bits, model, calib_ids=None if lazy else calib_ids,
+                                      sensitivity=None if job.sensitivity is None else Path(job.sensitivity).expanduser(),
+                                      group_size=job.group_size, per_expert=job.per_expert_bits)
+        expert_bits, routed_bits = allocation.bits, allocation.expert_bits
     if allocation is not None:
         log.info("%s: expert bits %s (average %.4f over the expert weights; sensitivities from %s)", job.bits,
                  allocation.schedule, allocation.achieved_average, allocation.source)
@@ -281,7 +290,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              router_solver=job.router_solver,
                              sparse_expert_policy=job.sparse_expert_policy, expert_hessian=job.expert_hessian,
-                             seed=job.seed)
+                             seed=job.seed, routed_expert_bits=routed_bits)
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,
                                    layer_source=CheckpointLayers(loader) if lazy else None)
@@ -322,7 +331,8 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
     metadata = export_metadata(job, qconfig, account, layer_reports)
     if allocation is not None:
         metadata["bit_allocation"] = {"spec": allocation.spec, "source": allocation.source,
-                                      "average_expert_bits": allocation.achieved_average, "rule": allocation.rule}
+                                      "average_expert_bits": allocation.achieved_average, "rule": allocation.rule,
+                                      "schedule": allocation.schedule}
     t0 = time.perf_counter()
     write_checkpoint(job, partial, model, tokenizer, quantizer, loader if lazy else None, metadata, storage_dtype)
     timings["save"] = time.perf_counter() - t0
@@ -334,7 +344,11 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
     report = {
         "model": job.model, "job": asdict(job), "quantization": metadata, "lazy_loading": lazy,
         "device": str(device), "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-        "format": job.format, "expert_bits": expert_bits, "average_bits_paper": account.paper_average_bits,
+        "format": job.format, "expert_bits": expert_bits,
+        # as quantized (read back from the quantized matrices, not from the schedule): per routed expert, and the
+        # average code bits over the expert weights that `--bits auto:B` budgets
+        "routed_expert_bits": account.routed_expert_table(len(quantizer.layers)),
+        "average_expert_bits": account.expert_average_bits, "average_bits_paper": account.paper_average_bits,
         "average_bits_true": account.true_average_bits, "size_bytes": account.size_bytes,
         "bit_allocation": allocation.as_dict() if allocation is not None else None,
         "evaluation": evaluation, "timings_seconds": timings, "layer_seconds_by_stage": seconds_by_stage,

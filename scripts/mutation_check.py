@@ -95,12 +95,12 @@ MUTANTS: list[Mutant] = [
     Mutant("P12", P, "act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
            "(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
            "activation dropped from the down_proj input", PIPELINE_TESTS),
-    Mutant("P13", P, "[(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, down_solvers)",
-           "[(names[e][k], weights[k], None) for (e, weights, _t, _w), solver in zip(batch, down_solvers)",
+    Mutant("P13", P, "[(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, down_solvers)",
+           "[(names[e][k], weights[k], None) for (e, weights, _t, _w, _b), solver in zip(batch, down_solvers)",
            "down_proj quantized with RTN (its Hessian dropped)", PIPELINE_TESTS),
-    Mutant("P14", P, "[(names[e][k], weights[k], solver) for (e, weights, _t, _w), solver in zip(batch, solvers)",
+    Mutant("P14", P, "[(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, solvers)",
            "[(names[e][k], weights[k], solver if k == \"gate_proj\" else None)\n"
-           "                 for (e, weights, _t, _w), solver in zip(batch, solvers)",
+           "                 for (e, weights, _t, _w, _b), solver in zip(batch, solvers)",
            "up_proj quantized with RTN", PIPELINE_TESTS),
     Mutant("P15", P, "adapter.attention_linears(layer), cfg.attn_bits, run_stream, report)",
            "adapter.attention_linears(layer), cfg.expert_bits[index], run_stream, report)",
@@ -144,8 +144,8 @@ MUTANTS: list[Mutant] = [
     Mutant("P27", P, "adapter.dense_mlp_linears(layer), cfg.expert_bits[index],",
            "adapter.dense_mlp_linears(layer), cfg.attn_bits or cfg.expert_bits[index],",
            "dense MLP layers quantized at the attention bit width", PIPELINE_TESTS),
-    Mutant("P28", P, "expert_input, routing, cfg.expert_bits[index], report)",
-           "expert_input, routing, cfg.expert_bits[0], report)",
+    Mutant("P28", P, "expert_bits = cfg.expert_bits_for(report.layer, e)",
+           "expert_bits = cfg.expert_bits_for(0, e)",
            "routed experts of every layer at the first layer's bit width (bit schedule ignored)", PIPELINE_TESTS),
     Mutant("P29", P, "if solver is None or self.config.method == \"rtn\":", "if solver is None:",
            "RTN chosen only by a missing solver", PIPELINE_TESTS,
@@ -317,6 +317,34 @@ MUTANTS: list[Mutant] = [
     Mutant("T5", T, "group = self.g_idx.long()", "group = torch.arange(self.in_features) // max(self.group_size, 1)",
            "g_idx ignored (breaks act-order checkpoints)", RUNTIME_TESTS),
 ]
+
+# --------------------------------------------------------------- --per-expert-bits (tests/test_per_expert_bits.py)
+BA, PER_EXPERT_TESTS = "eacmoe/bit_allocation.py", ("tests/test_per_expert_bits.py", "-k", "not committed and not gptqmodel")
+PER_EXPERT_MUTANTS = [
+    Mutant("PE1", P, "expert_bits = cfg.expert_bits_for(report.layer, e)",
+           "expert_bits = cfg.expert_bits_for(report.layer, num_experts - 1 - e)", "wrong expert index in the pipeline",
+           PER_EXPERT_TESTS),
+    Mutant("PE2", BA, "routed = [chosen[(i, e)] for e in range(len(layer.routed))]",
+           "routed = [chosen[(i, e)] for e in reversed(range(len(layer.routed)))]",
+           "the allocation's table in the wrong expert order", PER_EXPERT_TESTS),
+    Mutant("PE3", BA, "routed = tuple(by_expert[e] for e in range(n))",
+           "routed = tuple(max(0.0, float(c['score'])) for c in cells)",
+           "the file's per-expert cells read by position, not by expert index", PER_EXPERT_TESTS),
+    Mutant("PE4", BA, "    capacity = capacity_bits // unit\n    steps", "    capacity = capacity_bits // unit - 1\n    steps",
+           "budget one unit short", PER_EXPERT_TESTS),
+    Mutant("PE5", BA, "    capacity = capacity_bits // unit\n    steps", "    capacity = capacity_bits // unit + 1\n    steps",
+           "budget one unit over", PER_EXPERT_TESTS),
+    Mutant("PE6", "eacmoe/export.py", 'rf"\\.{e}\\." + projections', 'rf"\\.{e}" + projections',
+           "GPTQModel dynamic regex misses the experts", PER_EXPERT_TESTS),
+    Mutant("PE7", T, "PackedLinear(fan_in, fan_out, expert_bits[e], group_size, sym)",
+           "PackedLinear(fan_in, fan_out, expert_bits[0], group_size, sym)", "one width for all experts in the runtime",
+           PER_EXPERT_TESTS),
+    Mutant("PE8", "eacmoe/plan.py", 'if not spec.linear or spec.component != "routed_experts" or table is None:',
+           "if True:", "the planner ignores the per-expert widths", PER_EXPERT_TESTS),
+    Mutant("PE9", "eacmoe/workflow.py", "expert=name not in attention)", "expert=True)",
+           "attention counted as expert weights in the average", PER_EXPERT_TESTS),
+]
+MUTANTS += PER_EXPERT_MUTANTS
 
 
 def copy_project(dest: Path) -> None:

@@ -56,9 +56,12 @@ def _method_rank(label: str) -> int:
     return METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
 
 
+PER_EXPERT_SUFFIX = "+experts"  # "auto:B+experts" = --bits auto:B --per-expert-bits
+
+
 def _bits_rank(bits: str) -> tuple[float, str]:
-    """Sort key of a bits label: numbers by value, "auto:B" right after B."""
-    number = bits.removeprefix("auto:")
+    """Sort key of a bits label: numbers by value, "auto:B" right after B, "auto:B+experts" after it."""
+    number = bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)
     return (float(number), bits)
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
@@ -147,7 +150,7 @@ def run(args) -> None:
                         if json.dumps(key) in done:
                             continue
                         q_model = copy.deepcopy(fp_model)
-                        cfg = QuantizeConfig(expert_bits=expert_bits_for(bits, fp_model, model_name, args),
+                        cfg = QuantizeConfig(**schedule_for(bits, fp_model, model_name, args),
                                              attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed,
                                              **method_config(method))
                         calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
@@ -170,17 +173,22 @@ def run(args) -> None:
     write_markdown(results_path, args.out / "RESULTS.md")
 
 
-def expert_bits_for(bits: str, fp_model, model_name: str, args) -> list[int]:
-    """The per-layer expert bits of a bits label; "auto:B" is allocated from the model's sensitivity file."""
+def schedule_for(bits: str, fp_model, model_name: str, args) -> dict:
+    """The QuantizeConfig schedule fields of a bits label; "auto:B" is allocated per layer from the model's
+    sensitivity file, "auto:B+experts" per routed expert (--per-expert-bits)."""
     num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
     if not bits.startswith("auto:"):
-        return parse_expert_bits(bits, num_layers)
+        return {"expert_bits": parse_expert_bits(bits, num_layers)}
     from eacmoe.bit_allocation import auto_expert_bits
 
     files = dict(item.split("=", 1) for item in args.sensitivity)
     if model_name not in files:
         raise SystemExit(f"--bits {bits} needs --sensitivity {model_name}=FILE")
-    return auto_expert_bits(bits, fp_model, sensitivity=Path(files[model_name])).bits
+    per_expert = bits.endswith(PER_EXPERT_SUFFIX)
+    allocation = auto_expert_bits(bits.removesuffix(PER_EXPERT_SUFFIX), fp_model, sensitivity=Path(files[model_name]),
+                                  per_expert=per_expert)
+    log.info("%s: %s (average %.4f over the expert weights)", bits, allocation.schedule, allocation.achieved_average)
+    return {"expert_bits": allocation.bits, "routed_expert_bits": allocation.expert_bits}
 
 
 def append(path: Path, key: dict, row: dict) -> None:
@@ -281,7 +289,8 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
         methods = sorted({method for (m, s, b, method) in groups if (m, s, b) == (model, setting, bits)},
                          key=_method_rank)
         # GPTQ at the same bits; for auto:B without its own GPTQ rows, GPTQ with the paper's B schedule
-        gptq_bits = bits if (model, setting, bits, "gptq") in groups else bits.removeprefix("auto:")
+        gptq_bits = (bits if (model, setting, bits, "gptq") in groups
+                     else bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX))
         for method in methods:
             runs = groups[(model, setting, bits, method)]
             pairs = [(r, g) for r in runs if (g := by_key.get(json.dumps(
@@ -315,8 +324,11 @@ def variant_table(rows: list[dict]) -> list[str]:
         if hessian:
             twins.append(({**k, "method": base}, f"{k['bits']}: {k['method']} − {base}"))
         if str(k["bits"]).startswith("auto:"):
-            twins.append(({**k, "bits": k["bits"].removeprefix("auto:")},
-                          f"{k['method']}: {k['bits']} − {k['bits'].removeprefix('auto:')} (paper schedule)"))
+            paper = k["bits"].removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)
+            twins.append(({**k, "bits": paper}, f"{k['method']}: {k['bits']} − {paper} (paper schedule)"))
+        if str(k["bits"]).endswith(PER_EXPERT_SUFFIX):
+            per_layer = k["bits"].removesuffix(PER_EXPERT_SUFFIX)
+            twins.append(({**k, "bits": per_layer}, f"{k['method']}: {k['bits']} − {per_layer} (per layer)"))
         for twin_key, label in twins:
             twin = by_key.get(json.dumps(twin_key, sort_keys=True))
             if twin is not None:
@@ -462,7 +474,9 @@ def plot_shift_per_layer(groups: dict[tuple, list[dict]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen-moe"], help="bundled names or paths")
-    ap.add_argument("--bits", nargs="+", default=["2", "2.5", "3"], help="expert bit schedules")
+    ap.add_argument("--bits", nargs="+", default=["2", "2.5", "3"],
+                    help="expert bit schedules: 2, 2.5, 3, a per-layer list, auto:B (per layer, from --sensitivity) "
+                         "or auto:B+experts (per routed expert, --per-expert-bits)")
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qesc", "qesc-mse"], help="methods to compare")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     ap.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["experts", "attn4"],

@@ -58,7 +58,8 @@ class EacmoeConfig(PretrainedConfig):
         quantization: method, bits schedule, grid settings, average bits, calibration and router-calibration
             settings (metadata; the tensors themselves say how they are packed).
         quantized_modules: ``{module path: spec}``; spec ``kind`` is "linear" (in/out features, bias) or
-            "experts" (num_experts, hidden and intermediate size), both with bits / group_size / sym.
+            "experts" (num_experts, hidden and intermediate size), both with bits / group_size / sym (an experts
+            spec's bits is a list, one width per expert, for a per-module schedule).
         pesf: ``{"enabled", "alpha", "renormalize"}``: prefill expert skipping applied on load.
 
     Its other attributes are the original config's, ``model_type`` included (the class's own stays "eacmoe"), so

@@ -129,18 +129,25 @@ class PackedExperts(nn.Module):
     index ``num_experts`` marks a dropped slot (PESF), which is skipped.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int, group_size: int,
-                 sym: bool, act_fn: nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bits: int | list[int],
+                 group_size: int, sym: bool, act_fn: nn.Module):
+        """``bits``: one width for every expert, or a list with one width per expert (a per-module schedule)."""
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.bits, self.group_size, self.sym = bits, group_size, sym
+        expert_bits = [int(b) for b in bits] if isinstance(bits, (list, tuple)) else [int(bits)] * num_experts
+        if len(expert_bits) != num_experts:
+            raise ValueError(f"{len(expert_bits)} bit widths for {num_experts} experts")
+        self.expert_bits = expert_bits
+        # one int when the experts agree (the layout of per-layer schedules), else the per-expert list
+        self.bits = expert_bits[0] if len(set(expert_bits)) == 1 else list(expert_bits)
+        self.group_size, self.sym = group_size, sym
         self.act_fn = act_fn
         shapes = {"gate_proj": (hidden_size, intermediate_size), "up_proj": (hidden_size, intermediate_size),
                   "down_proj": (intermediate_size, hidden_size)}
         for e in range(num_experts):
             expert = nn.Module()
             for proj, (fan_in, fan_out) in shapes.items():
-                expert.add_module(proj, PackedLinear(fan_in, fan_out, bits, group_size, sym))
+                expert.add_module(proj, PackedLinear(fan_in, fan_out, expert_bits[e], group_size, sym))
             self.add_module(str(e), expert)
 
     def expert(self, e: int) -> nn.Module:
@@ -148,10 +155,15 @@ class PackedExperts(nn.Module):
 
     @classmethod
     def from_quantized(cls, experts: dict[int, dict[str, QuantizedWeight]], act_fn: nn.Module) -> "PackedExperts":
-        """``experts[e][proj]`` for every expert ``e`` and projection in EXPERT_PROJS (one grid for the layer)."""
+        """``experts[e][proj]`` for every expert ``e`` and projection in EXPERT_PROJS (one group size and symmetry
+        for the layer; the width may differ between experts, not between the projections of one expert)."""
         first = experts[0]["gate_proj"]
         intermediate_size, hidden_size = first.shape
-        module = cls(len(experts), hidden_size, intermediate_size, first.bits, first.group_size, first.sym, act_fn)
+        bits = [experts[e]["gate_proj"].bits for e in range(len(experts))]
+        for e in range(len(experts)):
+            if any(experts[e][proj].bits != bits[e] for proj in EXPERT_PROJS):
+                raise ValueError(f"expert {e}: its projections have different widths")
+        module = cls(len(experts), hidden_size, intermediate_size, bits, first.group_size, first.sym, act_fn)
         for e, projections in experts.items():
             for proj in EXPERT_PROJS:
                 module.expert(e).add_module(proj, PackedLinear.from_quantized(projections[proj]))
