@@ -112,27 +112,30 @@ def _eacmoe(method: str) -> Method:
                 "--bits", str(job.scheme.bits), "--attn-bits", str(job.scheme.bits),
                 "--group-size", str(job.scheme.group_size), "--calib", job.calib, "--nsamples", str(job.nsamples),
                 "--seqlen", str(job.seqlen), "--seed", str(job.seed), "--threads", str(job.threads),
-                "--eval-samples", "1", "--eval-seqlen", "16", "--out", job.out_dir, "--overwrite"]
+                "--eval-samples", "1", "--eval-seqlen", "16", "--out", job.out_dir, "--overwrite",
+                *(["--dtype", "bfloat16"] if is_real_shape_slice(job.model_dir) else [])]  # else auto: fp32 on CPU
 
     def settings(job: Job) -> str:
         extra = ", router TopK-MSE calibration" if method == "qesc" else ""
-        return (f"asym, damp {job.damp_percent}, no act-order, block 128, batch 8; experts under their input width "
-                f"in tokens use the layer's pooled tokens{extra}")
+        return (f"{model_dtype(job.model_dir)} model, asym, damp {job.damp_percent}, no act-order, block 128, batch 8; "
+                f"experts under their input width in tokens use the layer's pooled tokens{extra}")
     return Method(f"eacmoe-{method}", "eacmoe", command, settings)
 
 
 def _gptqmodel(preset: str) -> Method:
     def command(job: Job) -> list[str]:
+        dtype = ["--dtype", model_dtype(job.model_dir)] if preset == "matched" else []  # default: its own auto
         return [sys.executable, str(SCRIPT), "--worker", "gptqmodel", "--preset", preset, "--model-dir",
                 job.model_dir, "--calib-file", job.calib_file, "--out-dir", job.out_dir,
                 "--bits", str(job.scheme.bits), "--group-size", str(job.scheme.group_size),
-                "--damp", str(job.damp_percent), "--threads", str(job.threads)]
+                "--damp", str(job.damp_percent), "--threads", str(job.threads), *dtype]
 
     def settings(job: Job) -> str:
         if preset == "default":
-            return "sym, damp 0.05, act_group_aware on, desc_act off, batch 1, offload to disk; " + GPTQMODEL_FALLBACK
-        return (f"asym, damp {job.damp_percent}, act_group_aware off, desc_act off, batch 8, no disk offload; "
-                + GPTQMODEL_FALLBACK)
+            return ("bfloat16 model (its CPU auto dtype), sym, damp 0.05, act_group_aware on, desc_act off, batch 1, "
+                    "offload to disk; " + GPTQMODEL_FALLBACK)
+        return (f"{model_dtype(job.model_dir)} model, asym, damp {job.damp_percent}, act_group_aware off, desc_act "
+                "off, batch 8, no disk offload; " + GPTQMODEL_FALLBACK)
     return Method(f"gptqmodel-{preset}", "gptqmodel", command, settings)
 
 
@@ -421,7 +424,8 @@ def worker_gptqmodel(args) -> None:
         qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=False, desc_act=False,
                               act_group_aware=False, damp_percent=args.damp, offload_to_disk=False)
         batch = 8
-    model = GPTQModel.load(args.model_dir, qcfg, device="cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)  # None: GPTQModel's auto (bf16)
+    model = GPTQModel.load(args.model_dir, qcfg, device="cpu", **({"dtype": dtype} if dtype else {}))
     t0 = time.perf_counter()
     model.quantize(_calibration_rows(args.calib_file), batch_size=batch)
     quantize_seconds = time.perf_counter() - t0
@@ -693,6 +697,12 @@ def _evaluate(bench: Bench, method: Method, job: Job, base: Path, model_dir: str
 SLICE_NOTE = "real-shape slice: synthetic weights, cost only (scripts/make_real_shape_slice.py)"
 
 
+def model_dtype(model_dir: str) -> str:
+    """The dtype the matched methods run a model in: eacmoe's CPU default (float32) for the bundled models; a
+    real-shape slice in its checkpoint's bfloat16, as GPTQModel (its CPU auto dtype) and llm-compressor load it."""
+    return "bfloat16" if is_real_shape_slice(model_dir) else "float32"
+
+
 def is_real_shape_slice(model_dir: str) -> bool:
     """A checkpoint written by scripts/make_real_shape_slice.py (it leaves slice.json beside the weights)."""
     return (Path(model_dir) / "slice.json").is_file()
@@ -833,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--bits", type=int, help=argparse.SUPPRESS)
     p.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
     return p
 
 
