@@ -62,7 +62,6 @@ STATISTICS_BUDGET = 256 * 2**20  # router_calibration.STATISTICS_BUDGET_BYTES
 ATTENTION_HESSIAN_PER_LINEAR = True  # pipeline.collect_hessians: one GPTQ (Hessian, factorisation) per Linear
 GPTQ_BLOCK = 128               # QuantSpec.block_size: the in-block rank-1 updates touch rows x block/2 per column
 SYNTHETIC_HEADS, SYNTHETIC_KV_HEADS, SYNTHETIC_TOPK = 8, 2, 2  # scripts/measure_memory.py's MixtralConfig
-CALIBRATION_TOPK = {8: 4, 16: 8, 64: 20}  # adapters' default_calibration_topk; else E // 2 (checked in tests)
 
 # term -> (what it counts, flops per unit, GPU kind). Kinds: "fwd" forwards in the compute dtype (bf16 on a GPU),
 # "fp32" GPTQ arithmetic (always fp32), "factor" Cholesky/inverse (fp32, less efficient), "fp64" the router's
@@ -167,10 +166,15 @@ def _add(into: dict[str, float], more: dict[str, float], times: float = 1.0) -> 
     return into
 
 
+def calibration_topk(experts: int, topk: int) -> int:
+    """adapters.base.calibration_topk_rule (copied: that module imports torch; a test keeps them equal)."""
+    return min(experts, max(2 * topk, min(experts // 2, 20)))
+
+
 def router_work(case: LayerCase) -> dict[str, float]:
     """router_calibration.calibrate_router: the statistics objective when it fits its budget, else the tokens."""
     n, h, e = min(case.tokens, ROUTER_MAX_TOKENS), case.hidden, case.experts
-    k = case.calibration_topk or CALIBRATION_TOPK.get(e, max(1, e // 2))
+    k = case.calibration_topk or calibration_topk(e, case.topk)
     work = {"matmul": n * h * e}  # the FP router's target logits
     if 2 * e * h * h * 8 <= max(STATISTICS_BUDGET, n * h * 4):
         work["router_statistics"] = n * k * h * h + case.router_steps * 2 * e * h * h
@@ -546,7 +550,7 @@ def analyse(points: list[Point], baselines: dict[str, Point], args) -> dict:
     projections = []
     for family in FULL_MODELS:
         config = load_bundled_config(family)
-        for method in args.methods:
+        for method in sorted(baselines):
             case = config_case(config, args.project_nsamples, args.project_seqlen, method=method)
             gpu_memory = formula_memory(case, config, 2, 0, lambdas)       # bf16 on a GPU, streams on the host
             cpu_memory = formula_memory(case, config, 4, baselines[method].peak_rss_bytes, lambdas)  # fp32 on CPU
@@ -621,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         points, baselines = measure(args)
         threads = args.threads
     result = {"command": command, "threads": threads, "cpu_count": os.cpu_count(), "dtype": "float32",
-              "seqlen": args.seqlen, "router_steps": args.router_steps, "holdout": list(args.holdout),
+              "seqlen": points[0].case.seqlen, "router_steps": points[0].case.router_steps, "holdout": list(args.holdout),
               "points": [q.to_dict() for q in points], "baselines": {k: q.to_dict() for k, q in baselines.items()},
               **analyse(points, baselines, args)}
     for row in result["validation"]:
@@ -643,12 +647,242 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SWEEP_FIELDS = {"E": "experts", "H": "hidden", "I": "intermediate", "N": "nsamples"}
+SWEEP_NAMES = {"E": "routed experts E", "H": "hidden size H", "I": "expert intermediate size I",
+               "N": "calibration tokens N"}
+
+
 def write_plot(path: Path, result: dict) -> None:
-    pass
+    """Log-log compute seconds (CPU time minus the baseline's) against each factor: measured points, and the final
+    fit's curve with the others at the base point (uniform routing for the curve, the measured routing at points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fit = Fit(**result["final_fit"])
+    points = [Point.from_dict(d) for d in result["points"]]
+    baselines = {k: Point.from_dict(d) for k, d in result["baselines"].items()}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    colors = {"gptq": "tab:blue", "qesc": "tab:orange"}
+    for ax, (sweep, key) in zip(axes.flat, SWEEP_FIELDS.items()):
+        for method, color in colors.items():
+            mine = [p for p in points if p.case.method == method and p.sweep in (sweep, "base")]
+            if not mine:
+                continue
+            base = baselines[method]
+            mine.sort(key=lambda p: getattr(p.case, key))
+            x = [getattr(p.case, key) * (p.case.seqlen if key == "nsamples" else 1) for p in mine]
+            measured = [p.cpu_seconds - base.cpu_seconds for p in mine]
+            fitted = [fit.total_seconds(p.case) - fit.total_seconds(base.case) for p in mine]
+            held = [p.label in result["holdout"] for p in mine]
+            ax.scatter([v for v, h in zip(x, held) if not h], [m for m, h in zip(measured, held) if not h],
+                       color=color, label=f"{method} measured")
+            if any(held):
+                ax.scatter([v for v, h in zip(x, held) if h], [m for m, h in zip(measured, held) if h],
+                           facecolors="none", edgecolors=color, s=80, label=f"{method} measured, held out")
+            ax.scatter(x, fitted, marker="x", color=color, label=f"{method} fitted at the point")
+            grid = np.geomspace(min(getattr(p.case, key) for p in mine), max(getattr(p.case, key) for p in mine), 40)
+            template = replace(mine[0].case, hessian_tokens=None, gptq_experts=None)
+            curve = [fit.total_seconds(replace(template, **{key: max(1, int(round(v)))}))
+                     - fit.total_seconds(base.case) for v in grid]
+            ax.plot(grid * (template.seqlen if key == "nsamples" else 1), curve, color=color, lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(SWEEP_NAMES[sweep])
+        ax.set_ylabel("CPU s minus baseline (1 thread)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"eacmoe quantize, one synthetic MoE layer (MEASURED points, fitted lines); "
+                 f"{result['threads']} thread(s), {result['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _s(x: float) -> str:
+    return f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _rate(term: str, coefficient: float) -> str:
+    _, per_unit, kind = TERMS[term]
+    if coefficient <= 0:
+        return "0 (not needed by the fit)"
+    if kind == "dispatch":
+        return f"{coefficient * 1e6:.2f} us per unit"
+    if kind == "host":
+        return f"{coefficient * 1e9:.2f} ns per parameter"
+    return f"{per_unit / coefficient / 1e9:.1f} GFLOP/s"
+
+
+def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc_dir: Path = REPO / "docs") -> str:
+    rerun = result["command"]
+    points = [Point.from_dict(d) for d in result["points"]]
+    baselines = {k: Point.from_dict(d) for k, d in result["baselines"].items()}
+    by_key = {(r["method"], r["label"]): r for r in result["fit_quality"]}
+    memory = {(r["method"], r["label"]): r for r in result["memory"]}
+    fit = result["final_fit"]["coefficients"]
+    t = result["threads"]
+    lines = [
+        "# Scaling law of `python -m eacmoe.quantize` (time and peak memory against E, H, I, N)",
+        "",
+        "Generated by `scripts/scaling_law.py`; every number below comes from this one command "
+        f"({t} torch thread(s), on a {result['cpu_count']}-core machine shared with other jobs, each heavy job "
+        "holding one of two CPU slots):",
+        "",
+        f"    bash /tmp/coord/heavy.sh {rerun}" if "heavy.sh" not in rerun else f"    {rerun}",
+        "",
+        "(`--measurements FILE` re-fits and re-writes from a saved `--json` without measuring again.) "
+        "Three parts, kept apart: **MEASURED** (runs on this CPU), **FITTED** (a cost model with physical terms, "
+        "non-negative least squares on the measured points), **PROJECTED** (the fitted model and stated assumptions "
+        "at full model sizes; nothing projected was run).",
+        "",
+        "## MEASURED",
+        "",
+        f"Each point is one `python -m eacmoe.quantize` run on a one-layer synthetic random Mixtral-style MoE "
+        f"(scripts/measure_memory.py's builder: 8 heads, 2 KV heads, top-2, router std 0.3, fp32 safetensors): "
+        f"methods {' and '.join(sorted(baselines))}, 2-bit experts, 4-bit attention, group 128, `--sparse-expert-policy pool`, "
+        f"`--router-steps {result['router_steps']}`, `--seqlen {result['seqlen']}`, {result['dtype']}, CPU, "
+        f"`--lazy`, `--threads {t}`, final evaluation cut to 1 x 16 tokens. CPU time is user + sys of the child "
+        "(`os.wait4`), peak RSS its `ru_maxrss`; the stage seconds are LayerReport.seconds from report.json, read "
+        "as CPU seconds (the child runs with `time.perf_counter` replaced by `time.process_time`). **compute** = "
+        "CPU time minus the baseline's: the same command on a tiny layer (H = I = 128, same E and N), so start-up "
+        "(Python, torch, transformers, tokenizer, calibration text) is not counted. Each sweep moves one factor; "
+        "the others stay at the base point.",
+        "",
+    ]
+    for m, b in sorted(baselines.items()):
+        lines.append(f"- baseline {m}: {b.cpu_seconds:.1f} s CPU, peak RSS {b.peak_rss_bytes / 1e9:.2f} GB "
+                     f"(stages {', '.join(f'{k} {v:.2f} s' for k, v in b.stage_seconds.items())})")
+    lines += ["", "| method | point | H | I | E | N | expert Hessian tokens | CPU s | compute s | attention s | "
+              "router s | experts s | advance s | peak RSS | formula peak | measured / formula |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"base": 0, "E": 1, "H": 2, "I": 3, "N": 4}
+    for p in sorted(points, key=lambda p: (p.case.method, order.get(p.sweep, 9), p.case.experts, p.case.hidden,
+                                           p.case.intermediate, p.case.nsamples)):
+        c, q, mem = p.case, by_key[(p.case.method, p.label)], memory[(p.case.method, p.label)]
+        st = p.stage_seconds
+        lines.append(f"| {c.method} | {p.label}{' (held out)' if p.label in result['holdout'] else ''} | {c.hidden} | "
+                     f"{c.intermediate} | {c.experts} | {c.tokens} | {c.hessian_tokens} | {_s(p.cpu_seconds)} | "
+                     f"{_s(q['measured_seconds'])} | {_s(st.get('attention', 0))} | {_s(st.get('router', 0))} | "
+                     f"{_s(st.get('experts', 0))} | {_s(st.get('advance', 0))} | {p.peak_rss_bytes / 1e9:.2f} GB | "
+                     f"{mem['formula_peak'] / 1e9:.2f} GB | {mem['ratio']:.2f} |")
+    lines += ["", "The formula peak is eacmoe/quant_memory.py's `layer_peak` (fp32, the method's phases, pooled "
+              "experts, base = the baseline run's peak RSS, lambda_load / lambda_save measured on the real-shape "
+              f"Mixtral slice: {result['assumptions']['memory_lambdas']['lambda_load']:.2f} / "
+              f"{result['assumptions']['memory_lambdas']['lambda_save']:.2f}, docs/memory/mixtral-8x7b.json).", ""]
+    if plot is not None:
+        lines += [f"![compute seconds against each factor]({os.path.relpath(plot.resolve(), doc_dir.resolve())})", ""]
+
+    lines += ["## FITTED", "",
+              "Each stage's seconds = sum over terms of c_term x (units of that term the stage does), the units "
+              "counted from the layer's shapes the way the pipeline works (scripts/scaling_law.py `stage_work`: "
+              "q/k/v/o each with its own Hessian and factorisation; gate and up share one; the down projection's "
+              "input from the quantized gate and up; an expert under its input width in tokens is pooled, so the "
+              "expert Hessian tokens are read from each run's report). The coefficients are shared by all stages "
+              "and fitted by non-negative least squares on relative errors of the baseline-subtracted stage "
+              "seconds; the whole run adds the unstaged capture forward (same coefficients) and a per-parameter "
+              "term fitted on the rest of the CPU time (loading, weight scan, evaluation, packing, saving).", "",
+              "| term | counts | seconds per unit | effective rate |", "|---|---|---|---|"]
+    for term, (what, _, _) in TERMS.items():
+        lines.append(f"| {term} | {what} | {fit[term]:.3g} | {_rate(term, fit[term])} |")
+    lines += ["", "Fit quality, all points in the fit (compute seconds, measured / fitted; the stage columns are "
+              "measured / fitted of that stage's baseline-subtracted seconds):", "",
+              "| method | point | measured s | fitted s | measured / fitted | attention | router | experts | advance |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(stage: dict) -> str:
+        return f"{stage['measured'] / stage['fitted']:.2f}" if stage["fitted"] > 0.05 else "-"
+
+    for r in result["fit_quality"]:
+        lines.append(f"| {r['method']} | {r['label']} | {_s(r['measured_seconds'])} | {_s(r['fitted_seconds'])} | "
+                     f"{r['ratio']:.2f} | " + " | ".join(ratio(r["stages"][s]) for s in STAGES) + " |")
+    ratios = [r["ratio"] for r in result["fit_quality"]]
+    lines += ["", f"measured / fitted over all {len(ratios)} points: {min(ratios):.2f} to {max(ratios):.2f} "
+              f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f}).", ""]
+    held = [r for r in result["validation"] if r["held_out"]]
+    if held:
+        lines += [f"**Validation**: the fit refitted without {', '.join(result['holdout'])} predicts them:", "",
+                  "| method | held-out point | measured s | predicted s | measured / predicted |", "|---|---|---|---|---|"]
+        for r in held:
+            lines.append(f"| {r['method']} | {r['label']} | {_s(r['measured_seconds'])} | {_s(r['fitted_seconds'])} | "
+                         f"{r['ratio']:.2f} |")
+        lines += ["", "The projections below use the fit on all points.", ""]
+
+    a = result["assumptions"]
+    lines += ["## PROJECTED (not measured)", "",
+              f"Full models from eacmoe/assets/configs at {result['projections'][0]['tokens']} calibration tokens "
+              f"(128 x 2048), router steps {result['projections'][0]['router_steps']} (the CLI default; early "
+              "stopping makes it an upper bound), uniform routing (expert Hessian tokens = k N; no expert is pooled at "
+              "these sizes), every layer like layer 0, the model's embedding/head and the final export not counted.",
+              "",
+              f"- **this CPU**: the fitted coefficients, {t} thread (no thread ratio was measured: 2 threads are "
+              "not projected).",
+              "- **GPUs**: flop terms at a fraction of the card's datasheet peak (dense): forwards in bf16 "
+              f"({a['efficiency']['fwd']:.0%} of the bf16 tensor peak), GPTQ arithmetic in fp32 "
+              f"({a['efficiency']['fp32']:.0%} of the fp32 peak, no TF32), Cholesky / inverse "
+              f"({a['efficiency']['factor']:.0%} of the fp32 peak), the router's statistics in fp64 "
+              f"({a['efficiency']['fp64']:.0%} of the fp64 peak); dispatch terms at "
+              f"{a['launch_seconds'] * 1e6:.0f} us per launch (launches per unit: "
+              + ", ".join(f"{k} {v[1]:.0f}" for k, v in TERMS.items() if v[2] == "dispatch")
+              + "); the per-parameter work at this CPU's fitted rate (it stays on the host). Peaks assumed: "
+              + "; ".join(f"{g}: " + ", ".join(f"{k} {v / 1e12:g} TFLOPS" for k, v in spec["peak_flops"].items())
+                          for g, spec in a["gpus"].items()) + ".",
+              "- **memory**: eacmoe/quant_memory.py's device peak (bf16 weights on the GPU, streams in host memory) "
+              f"plus {a['reserved_bytes'] / 2**30:.0f} GiB for the CUDA context must fit the card; the CPU column is "
+              "its host peak in fp32 (the CPU default dtype), without the process base.", "",
+              "| model | method | this CPU, 1 thread | per layer: attention / router / experts / advance / capture "
+              "(CPU s) | " + " | ".join(f"{g}: time, device peak, fits" for g in a["gpus"]) + " | CPU host peak |",
+              "|---|---|---|---|" + "---|" * len(a["gpus"]) + "---|"]
+    for proj in result["projections"]:
+        st = proj["cpu"]["stage_seconds_per_layer"]
+        gpu_cells = [f"{_duration(v['model_seconds'])}, {v['device_peak_bytes'] / 2**30:.1f} GiB, "
+                     f"{'fits' if v['fits'] else 'does NOT fit'}" for v in proj["gpus"].values()]
+        lines.append(f"| {proj['family']} ({proj['layers']} layers) | {proj['method']} | "
+                     f"{_duration(proj['cpu']['model_seconds'])} | "
+                     + " / ".join(_s(st[s]) for s in (*STAGES, "capture")) + " | " + " | ".join(gpu_cells)
+                     + f" | {proj['memory']['cpu_host_peak'] / 2**30:.1f} GiB |")
+    lines += ["", "Where the projected GPU time goes (per layer, seconds: flop terms / dispatch / host):", ""]
+    for proj in result["projections"]:
+        lines.append(f"- {proj['family']} {proj['method']}: " + "; ".join(
+            f"{g} {v['parts_per_layer']['flops']:.1f} / {v['parts_per_layer']['dispatch']:.1f} / "
+            f"{v['parts_per_layer']['host']:.1f}" for g, v in proj["gpus"].items()))
+    lines += ["", "### Check against the real-shape slice runs (docs/memory/*.json)", "",
+              "The two recorded real-shape slice runs (scripts/measure_real_shape_memory.py; random weights with the "
+              "real layer dimensions: they measure cost, not accuracy) ran in **bfloat16** (this fit is float32) "
+              "with `--sparse-expert-policy rtn`, so at 16 x 512 tokens every expert fell under its input width and "
+              "was rounded to nearest (the model counts no expert GPTQ for them, as the formula there did), and "
+              "**under heavy load** (wall-clock seconds of the layer loop, other jobs on the same 2 cores): a rough "
+              "check, not a validation.", "",
+              "| slice | layers | method | tokens | measured loop s (wall, loaded, bf16) | predicted s (fp32 fit) | "
+              "measured / predicted |", "|---|---|---|---|---|---|---|"]
+    for r in result["slices"]:
+        lines.append(f"| {r['family']} | {r['layers']} | {r['method']} | {r['tokens']} | "
+                     f"{r['measured_loop_seconds']:.0f} | {r['predicted_seconds']:.0f} | {r['ratio']:.2f} |")
+    lines += ["", "Commands of those runs: " + "; ".join(f"`{r['command']}`" for r in result["slices"]) + ".", ""]
+    if json_path is not None:
+        lines += [f"Every point, both fits and the projections: `{os.path.relpath(json_path.resolve(), REPO)}`.", ""]
+    return "\n".join(lines)
 
 
 def write_doc(path: Path, result: dict, plot: Path | None, json_path: Path | None) -> None:
-    pass
+    """The report, written whole (to a temporary file first: nothing half-written on failure)."""
+    text = report_markdown(result, plot, json_path, path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
