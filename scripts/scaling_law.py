@@ -483,6 +483,18 @@ def sweep_plan(args) -> list[tuple[str, str, dict]]:
     return plan
 
 
+def git_commit() -> str:
+    """The measured code's commit (with "+changes" when the work tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def measure(args) -> tuple[list[Point], dict[str, Point]]:
     mm = _measure_memory_module()
     work = args.work_dir
@@ -513,7 +525,7 @@ def measure(args) -> tuple[list[Point], dict[str, Point]]:
             log.info("%-8s %-5s cpu %6.1f s  wall %6.1f s  peak RSS %.2f GB  stages %s", label, method,
                      p.cpu_seconds, p.wall_seconds, p.peak_rss_bytes / 1e9,
                      {k: round(v, 2) for k, v in p.stage_seconds.items()})
-            partial.write_text(json.dumps({"command": args.command, "threads": args.threads,
+            partial.write_text(json.dumps({"command": args.command, "threads": args.threads, "commit": args.commit,
                                            "points": [q.to_dict() for q in points],
                                            "baselines": {k: q.to_dict() for k, q in baselines.items()}}))
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -621,10 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         baselines = {k: Point.from_dict(d) for k, d in data["baselines"].items()}
         command = data.get("command", command)
         threads = data.get("threads", args.threads)
+        args.commit = data.get("commit", "unknown")
     else:
+        args.commit = git_commit()
         points, baselines = measure(args)
         threads = args.threads
-    result = {"command": command, "threads": threads, "cpu_count": os.cpu_count(), "dtype": "float32",
+    result = {"command": command, "commit": args.commit, "threads": threads, "cpu_count": os.cpu_count(),
+              "dtype": "float32",
               "seqlen": points[0].case.seqlen, "router_steps": points[0].case.router_steps, "holdout": list(args.holdout),
               "points": [q.to_dict() for q in points], "baselines": {k: q.to_dict() for k, q in baselines.items()},
               **analyse(points, baselines, args)}
@@ -750,7 +765,7 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
         "",
         "## MEASURED",
         "",
-        f"Each point is one `python -m eacmoe.quantize` run on a one-layer synthetic random Mixtral-style MoE "
+        f"Code measured: commit `{result.get('commit', 'unknown')}`. Each point is one `python -m eacmoe.quantize` run on a one-layer synthetic random Mixtral-style MoE "
         f"(scripts/measure_memory.py's builder: 8 heads, 2 KV heads, top-2, router std 0.3, fp32 safetensors): "
         f"methods {' and '.join(sorted(baselines))}, 2-bit experts, 4-bit attention, group 128, `--sparse-expert-policy pool`, "
         f"`--router-steps {result['router_steps']}`, `--seqlen {result['seqlen']}`, {result['dtype']}, CPU, "
@@ -871,6 +886,16 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
         lines.append(f"| {r['family']} | {r['layers']} | {r['method']} | {r['tokens']} | "
                      f"{r['measured_loop_seconds']:.0f} | {r['predicted_seconds']:.0f} | {r['ratio']:.2f} |")
     lines += ["", "Commands of those runs: " + "; ".join(f"`{r['command']}`" for r in result["slices"]) + ".", ""]
+    lines += ["## Limits of this model", "",
+              "- The counts follow the pipeline of the measured commit (`stage_work`): one Hessian and factorisation "
+              "per attention Linear, one GPTQ call per expert matrix, the quantized stream's advance recomputing "
+              "attention. A pipeline that batches experts or shares the q/k/v Hessian changes the counts: update "
+              "`stage_work` (ATTENTION_HESSIAN_PER_LINEAR and the expert terms) and rerun the command above.",
+              "- Synthetic random weights: they fix the shapes, not the routing of a trained model (the expert Hessian "
+              "tokens are read from each run; the projection assumes uniform routing, which leaves the sum k N "
+              "unchanged).",
+              "- One thread only; the fitted rates are this shared CPU's, measured while other jobs ran.",
+              "- The GPU rows are arithmetic on stated assumptions (peaks, fractions, launch cost), not runs.", ""]
     if json_path is not None:
         lines += [f"Every point, both fits and the projections: `{os.path.relpath(json_path.resolve(), REPO)}`.", ""]
     return "\n".join(lines)
