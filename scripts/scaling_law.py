@@ -5,6 +5,8 @@ with physical terms fitted to them; projections to full Mixtral-8x7B and Qwen3-3
     bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1 --json docs/scaling/scaling.json \\
         --write docs/SCALING.md --plot docs/scaling/scaling.png
 
+(the rerun command written at the top of docs/SCALING.md).
+
 MEASURED: every point is one `python -m eacmoe.quantize` run (methods gptq and qesc; 2-bit experts, 4-bit attention,
 group 128, float32, CPU, --lazy, --threads) on a one-layer synthetic random Mixtral-style MoE (8 heads, 2 KV heads,
 top-2; scripts/measure_memory.py builds it), in a child process: its CPU time (user + sys) and peak RSS come from the
@@ -93,6 +95,8 @@ GPU_EFFICIENCY = {"fwd": 0.4, "fp32": 0.4, "factor": 0.1, "fp64": 0.4}  # fracti
 GPU_LAUNCH_SECONDS = 8e-6      # per kernel launch / eager torch call on a GPU
 GPU_RESERVED_BYTES = 2**30     # CUDA context and allocator slack, not in the formula
 FULL_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b")
+RERUN = ("bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1 --json docs/scaling/scaling.json "
+         "--write docs/SCALING.md --plot docs/scaling/scaling.png")
 
 
 # -- the shapes and the work they imply --------------------------------------------------------------------------
@@ -578,6 +582,24 @@ def analyse(points: list[Point], baselines: dict[str, Point], args) -> dict:
                             "reserved_bytes": GPU_RESERVED_BYTES, "terms": TERMS, "memory_lambdas": lambdas}}
 
 
+def merge_measurements(data: list[dict]) -> tuple[list[Point], dict[str, Point], str, int, str]:
+    """Points of saved runs: all of the first, then those of each later one whose (method, label) is new; the
+    baselines, thread count and commit of the first; the measuring commands joined with " ; "."""
+    points = [Point.from_dict(d) for d in data[0]["points"]]
+    seen = {_key(p) for p in points}
+    commands = [data[0].get("command", "")]
+    for more in data[1:]:
+        new = [Point.from_dict(d) for d in more["points"] if _key(Point.from_dict(d)) not in seen]
+        points += new
+        seen |= {_key(p) for p in new}
+        if more.get("threads", data[0].get("threads")) != data[0].get("threads"):
+            raise ValueError("--measurements: the files were measured with different thread counts")
+        commands.append(more.get("command", ""))
+    baselines = {k: Point.from_dict(d) for k, d in data[0]["baselines"].items()}
+    return (points, baselines, " ; ".join(c for c in commands if c), data[0].get("threads", 1),
+            data[0].get("commit", "unknown"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=positive_int, nargs="+", default=[4, 8, 16, 32],
@@ -586,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sizes of the H sweep (multiples of 128: the group size; 8 heads)")
     p.add_argument("--intermediate", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096],
                    help="sizes of the I sweep (expert intermediate size, multiples of 128)")
-    p.add_argument("--nsamples", type=positive_int, nargs="+", default=[8, 16, 32, 64],
+    p.add_argument("--nsamples", type=positive_int, nargs="+", default=[8, 16, 32, 64, 256],
                    help="sizes of the N sweep in calibration sequences of --seqlen tokens")
     p.add_argument("--base-experts", type=positive_int, default=8, help="E at the base point")
     p.add_argument("--base-hidden", type=positive_int, default=512, help="H at the base point")
@@ -604,8 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="router steps of the projection (the CLI default; early stopping makes it an upper bound)")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/eacmoe-scaling-law"),
                    help="synthetic checkpoints, outputs and run logs (checkpoints and outputs deleted after use)")
-    p.add_argument("--measurements", type=Path, default=None,
-                   help="re-fit and re-write from the points of an earlier --json instead of measuring")
+    p.add_argument("--measurements", type=Path, nargs="+", default=None,
+                   help="re-fit and re-write from the points of earlier --json files instead of measuring (later "
+                        "files add the points whose labels the earlier ones lack; baselines from the first)")
     p.add_argument("--json", type=Path, default=None, help="write every point, the fit and the projections here")
     p.add_argument("--write", type=Path, default=None, help="write the markdown report here (e.g. docs/SCALING.md)")
     p.add_argument("--plot", type=Path, default=None, help="write the log-log figure here (png)")
@@ -621,24 +644,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_hidden % SYNTHETIC_HEADS:
         print_error(f"--base-hidden must be a multiple of {SYNTHETIC_HEADS} heads")
         return 2
-    if args.measurements is not None and not args.measurements.is_file():
-        print_error(f"--measurements: no file {args.measurements}")
+    missing = [str(m) for m in args.measurements or [] if not m.is_file()]
+    if missing:
+        print_error(f"--measurements: no file {', '.join(missing)}")
         return 2
     given = argv if argv is not None else sys.argv[1:]
     command = args.command = command_line("python scripts/scaling_law.py", given, args.threads)
+    written_by = command
 
     if args.measurements is not None:
-        data = json.loads(args.measurements.read_text())
-        points = [Point.from_dict(d) for d in data["points"]]
-        baselines = {k: Point.from_dict(d) for k, d in data["baselines"].items()}
-        command = data.get("command", command)
-        threads = data.get("threads", args.threads)
-        args.commit = data.get("commit", "unknown")
+        data = [json.loads(m.read_text()) for m in args.measurements]
+        points, baselines, command, threads, args.commit = merge_measurements(data)
     else:
         args.commit = git_commit()
         points, baselines = measure(args)
         threads = args.threads
-    result = {"command": command, "commit": args.commit, "threads": threads, "cpu_count": os.cpu_count(),
+    result = {"command": command, "written_by": written_by, "commit": args.commit, "threads": threads, "cpu_count": os.cpu_count(),
               "dtype": "float32",
               "seqlen": points[0].case.seqlen, "router_steps": points[0].case.router_steps, "holdout": list(args.holdout),
               "points": [q.to_dict() for q in points], "baselines": {k: q.to_dict() for k, q in baselines.items()},
@@ -742,7 +763,7 @@ def _rate(term: str, coefficient: float) -> str:
 
 
 def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc_dir: Path = REPO / "docs") -> str:
-    rerun = result["command"]
+    measured_by, written_by = result["command"], result.get("written_by", result["command"])
     points = [Point.from_dict(d) for d in result["points"]]
     baselines = {k: Point.from_dict(d) for k, d in result["baselines"].items()}
     by_key = {(r["method"], r["label"]): r for r in result["fit_quality"]}
@@ -752,13 +773,19 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
     lines = [
         "# Scaling law of `python -m eacmoe.quantize` (time and peak memory against E, H, I, N)",
         "",
-        "Generated by `scripts/scaling_law.py`; every number below comes from this one command "
-        f"({t} torch thread(s), on a {result['cpu_count']}-core machine shared with other jobs, each heavy job "
-        "holding one of two CPU slots):",
+        "Generated by `scripts/scaling_law.py`. To measure and write everything again (one command, about 25 "
+        "min of CPU; `heavy.sh` waits for one of the two shared CPU slots):",
         "",
-        f"    bash /tmp/coord/heavy.sh {rerun}" if "heavy.sh" not in rerun else f"    {rerun}",
+        f"    {RERUN}",
         "",
-        "(`--measurements FILE` re-fits and re-writes from a saved `--json` without measuring again.) "
+        f"The numbers below were measured ({t} torch thread(s), on a {result['cpu_count']}-core machine shared with "
+        "other jobs) by",
+        "",
+        *[f"    bash /tmp/coord/heavy.sh {c}" for c in measured_by.split(" ; ")],
+        "",
+        *([] if written_by == measured_by else
+          ["and this page, its json and its plot written from those points (`--measurements`: re-fit without "
+           "measuring again) by", "", f"    {written_by}", ""]),
         "Three parts, kept apart: **MEASURED** (runs on this CPU), **FITTED** (a cost model with physical terms, "
         "non-negative least squares on the measured points), **PROJECTED** (the fitted model and stated assumptions "
         "at full model sizes; nothing projected was run).",
@@ -798,7 +825,10 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
               f"Mixtral slice: {result['assumptions']['memory_lambdas']['lambda_load']:.2f} / "
               f"{result['assumptions']['memory_lambdas']['lambda_save']:.2f}, docs/memory/mixtral-8x7b.json).", ""]
     if plot is not None:
-        lines += [f"![compute seconds against each factor]({os.path.relpath(plot.resolve(), doc_dir.resolve())})", ""]
+        lines += [f"![compute seconds against each factor]({os.path.relpath(plot.resolve(), doc_dir.resolve())})", "",
+                  "Dots: measured (hollow: held out of the validation fit); crosses: the fit at that point with the "
+                  "run's own routing (expert Hessian tokens from its report); lines: the fit along the factor with "
+                  "uniform routing, which pools every expert once 2N/E falls under H (the steps).", ""]
 
     lines += ["## FITTED", "",
               "Each stage's seconds = sum over terms of c_term x (units of that term the stage does), the units "
@@ -823,7 +853,7 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
     for r in result["fit_quality"]:
         lines.append(f"| {r['method']} | {r['label']} | {_s(r['measured_seconds'])} | {_s(r['fitted_seconds'])} | "
                      f"{r['ratio']:.2f} | " + " | ".join(ratio(r["stages"][s]) for s in STAGES) + " |")
-    ratios = [r["ratio"] for r in result["fit_quality"]]
+    ratios = [r["ratio"] for r in result["fit_quality"] if r["ratio"] > 0 and math.isfinite(r["ratio"])]
     lines += ["", f"measured / fitted over all {len(ratios)} points: {min(ratios):.2f} to {max(ratios):.2f} "
               f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f}).", ""]
     held = [r for r in result["validation"] if r["held_out"]]
