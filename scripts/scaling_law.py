@@ -804,6 +804,9 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
         "the others stay at the base point.",
         "",
     ]
+    total_cpu = sum(p.cpu_seconds for p in points) + sum(b.cpu_seconds for b in baselines.values())
+    lines += [f"The {len(points) + len(baselines)} runs took {total_cpu / 60:.1f} min of CPU in all (checkpoint "
+              "building not counted).", ""]
     for m, b in sorted(baselines.items()):
         lines.append(f"- baseline {m}: {b.cpu_seconds:.1f} s CPU, peak RSS {b.peak_rss_bytes / 1e9:.2f} GB "
                      f"(stages {', '.join(f'{k} {v:.2f} s' for k, v in b.stage_seconds.items())})")

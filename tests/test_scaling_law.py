@@ -203,7 +203,9 @@ def test_json_doc_and_plot_from_saved_measurements(tmp_path):
     assert families == {(f, m) for f in sl.FULL_MODELS for m in ("gptq", "qesc")}
     assert len(result["memory"]) == len(points) and len(result["slices"]) == 2
     text = doc.read_text()
-    assert "    bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1" in text
+    assert "    bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1\n" in text  # measured by
+    assert f"    {sl.RERUN}\n" in text
+    assert "--measurements " + str(saved) in text  # and written by
     for heading in ("## MEASURED", "## FITTED", "## PROJECTED (not measured)", "real-shape slice"):
         assert heading in text
     assert "| gptq | I=4096 (held out) |" in text and "![compute seconds" in text
@@ -237,3 +239,17 @@ def test_sweep_plan_and_the_command_of_a_point(tmp_path):
     for part in ("-m eacmoe.quantize", "--method qesc", "--bits 2", "--attn-bits 4", "--group-size 128",
                  "--nsamples 16", "--seqlen 256", "--dtype float32", "--device cpu", "--lazy", "--threads 1"):
         assert part in text
+
+
+def test_merge_measurements_adds_only_new_points():
+    points, baselines = synthetic_points()
+    first = {"command": "python scripts/scaling_law.py --threads 1", "threads": 1, "commit": "abc",
+             "points": [p.to_dict() for p in points[:4]], "baselines": {k: b.to_dict() for k, b in baselines.items()}}
+    second = {"command": "python scripts/scaling_law.py --nsamples 16 256 --threads 1", "threads": 1,
+              "points": [p.to_dict() for p in points[2:6]], "baselines": {}}
+    merged, base, command, threads, commit = sl.merge_measurements([first, second])
+    assert [sl._key(p) for p in merged] == [sl._key(p) for p in points[:6]]
+    assert set(base) == {"gptq", "qesc"} and threads == 1 and commit == "abc"
+    assert command == "python scripts/scaling_law.py --threads 1 ; python scripts/scaling_law.py --nsamples 16 256 --threads 1"
+    with pytest.raises(ValueError, match="different thread counts"):
+        sl.merge_measurements([first, {**second, "threads": 2}])
