@@ -935,6 +935,10 @@ def report_markdown(result: dict, plot: Path | None, json_path: Path | None, doc
               "- Synthetic random weights: they fix the shapes, not the routing of a trained model (the expert Hessian "
               "tokens are read from each run; the projection assumes uniform routing, which leaves the sum k N "
               "unchanged).",
+              f"- Extrapolation: measured up to H = {max(p.case.hidden for p in points)}, I = "
+              f"{max(p.case.intermediate for p in points)}, E = {max(p.case.experts for p in points)}, N = "
+              f"{max(p.case.tokens for p in points)}; the projections go to H 4096, I 14336, E 128 and N "
+              f"{result['projections'][0]['tokens']}.",
               "- One thread only; the fitted rates are this shared CPU's, measured while other jobs ran.",
               "- The GPU rows are arithmetic on stated assumptions (peaks, fractions, launch cost), not runs.", ""]
     if json_path is not None:
