@@ -38,6 +38,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -61,7 +62,8 @@ STAGES = ("attention", "router", "experts", "advance")
 BATCH_SIZE = 8                 # pipeline.QuantizeConfig.batch_size: sequences per forward batch
 ROUTER_MAX_TOKENS = 32768      # router_calibration.RouterCalibrationConfig.max_tokens
 STATISTICS_BUDGET = 256 * 2**20  # router_calibration.STATISTICS_BUDGET_BYTES
-ATTENTION_HESSIAN_PER_LINEAR = True  # pipeline.collect_hessians: one GPTQ (Hessian, factorisation) per Linear
+ATTENTION_HESSIAN_PER_LINEAR = False  # pipeline.collect_hessians: one GPTQ (Hessian, factorisation) per group
+LOOP_ROWS = 1024               # quant.gptq.GPTQ_LOOP_ROWS: rows one GPTQ column loop takes at once
 GPTQ_BLOCK = 128               # QuantSpec.block_size: the in-block rank-1 updates touch rows x block/2 per column
 SYNTHETIC_HEADS, SYNTHETIC_KV_HEADS, SYNTHETIC_TOPK = 8, 2, 2  # scripts/measure_memory.py's MixtralConfig
 
@@ -164,6 +166,46 @@ def _gptq(matrices: list[tuple[int, int]], hessians: list[int], tokens: int) -> 
             "per_column": sum(c for _, c in matrices), "per_matrix": len(matrices)}
 
 
+def column_loops(matrices: Sequence[tuple[object, int, int]], loop_rows: int = LOOP_ROWS) -> list[list[int]]:
+    """quant.gptq.column_loops on (solver, rows, cols) triples (copied: that module imports torch; a test keeps
+    them equal): consecutive matrices of one solver stacked while their rows fit in `loop_rows`, consecutive
+    members of equal stacked shapes sharing a loop while it fits."""
+    members: list[list] = []  # [solver, indices, stacked rows, cols]
+    for k, (solver, rows, cols) in enumerate(matrices):
+        if members and members[-1][0] is solver and members[-1][2] + rows <= loop_rows:
+            members[-1][1].append(k)
+            members[-1][2] += rows
+        else:
+            members.append([solver, [k], rows, cols])
+    loops: list[list[int]] = []
+    shape, used = None, 0
+    for _solver, indices, rows, cols in members:
+        if loops and shape == (rows, cols) and used + rows <= loop_rows:
+            loops[-1].extend(indices)
+            used += rows
+        else:
+            loops.append(list(indices))
+            shape, used = (rows, cols), rows
+    return loops
+
+
+def column_steps(matrices: Sequence[tuple[object, int, int]]) -> int:
+    """Python column steps of GPTQ on these matrices: the columns of every loop `column_loops` makes."""
+    return sum(matrices[loop[0]][2] for loop in column_loops(matrices))
+
+
+def expert_column_steps(h: int, i: int, gptq_experts: int) -> int:
+    """Column steps of a layer's routed experts: pipeline._quantize_routed_experts takes them in batches of
+    max(1, loop rows // min(2I, H)); per batch, every expert's gate and up (one solver), then every down."""
+    per_batch = max(1, LOOP_ROWS // min(2 * i, h))
+    steps = 0
+    for start in range(0, gptq_experts, per_batch):
+        experts = [object() for _ in range(min(per_batch, gptq_experts - start))]
+        steps += column_steps([(x, i, h) for x in experts for _ in range(2)])
+        steps += column_steps([(object(), h, i) for _ in experts])
+    return steps
+
+
 def _add(into: dict[str, float], more: dict[str, float], times: float = 1.0) -> dict[str, float]:
     for k, v in more.items():
         into[k] = into.get(k, 0.0) + times * v
@@ -202,6 +244,8 @@ def stage_work(case: LayerCase) -> dict[str, dict[str, float]]:
 
     hessians = [c for _, c in attn] if ATTENTION_HESSIAN_PER_LINEAR else [attn[0][1], attn[3][1]]
     attention = _add({"matmul": n * (2 * qkv + o), "attention_scores": scores}, _gptq(attn, hessians, n))
+    qkv_solver = object()  # q, k and v share one solver (collect_hessians); o is quantized after them, alone
+    attention["per_column"] = column_steps([(qkv_solver, r, c) for r, c in attn[:3]]) + attn[3][1]
 
     router: dict[str, float] = {}
     if qesc:
@@ -213,10 +257,10 @@ def stage_work(case: LayerCase) -> dict[str, dict[str, float]]:
     experts = {"matmul": n * h * e + t * 2 * i * h,  # routing; the down projection's input from gate and up
                "hessian": t * (h * h + i * i), "factorisation": g * (h ** 3 + i ** 3),
                "column_update": g * (2 * i * h * h + h * i * i), "column_inner": g * 3 * i * h,
-               "per_column": g * (2 * h + i), "per_matrix": 3 * e}
+               "per_column": expert_column_steps(h, i, g), "per_matrix": 3 * e}
 
-    one_pass = {"matmul": n * (qkv + o + h * e) + case.topk * n * 3 * i * h, "attention_scores": scores,
-                "expert_calls": e * batches}
+    # the advance runs only the block on the captured block input (attention is not recomputed)
+    one_pass = {"matmul": n * h * e + case.topk * n * 3 * i * h, "expert_calls": e * batches}
     advance = _add({}, one_pass, 2.0 if qesc else 1.0)
     return {"attention": attention, "router": router, "experts": experts, "advance": advance,
             "capture": dict(attention_forward), "other": {"params": case.layer_params}}
@@ -400,9 +444,10 @@ def slice_check(fit: Fit, records: list[dict]) -> list[dict]:
         cfg = load_bundled_config(r["family"])
         inputs = r["prediction"]["inputs"]
         command = r["command"]
-        nsamples, seqlen = 16, 512  # scripts/measure_real_shape_memory.py defaults (the recorded commands use them)
-        if "--nsamples" in command or "--seqlen" in command:
-            raise ValueError(f"slice command sets its own calibration size: {command}")
+        # scripts/measure_real_shape_memory.py's defaults unless the recorded command sets them
+        sizes = {flag: int(m.group(1)) if (m := re.search(rf"{flag}\s+(\d+)", command)) else default
+                 for flag, default in (("--nsamples", 16), ("--seqlen", 512))}
+        nsamples, seqlen = sizes["--nsamples"], sizes["--seqlen"]
         assert nsamples * seqlen == inputs["tokens"], (r["family"], inputs["tokens"])
         case = config_case(cfg, nsamples, seqlen, method=inputs["method"], router_steps=50,
                            gptq_experts=0 if not inputs["gptq_experts"] else None,

@@ -38,9 +38,11 @@ def closed_form_stages(h, i, e, ns, s, method, steps=50, t=None):
         t = e * n if 2 * n / e < h else 2 * n
     c = TRUE
     qesc = method == "qesc"
-    attention = (c["matmul"] * 4 * n * h * h + c["attention_scores"] * n * s * h + c["hessian"] * 4 * n * h * h
-                 + c["factorisation"] * 4 * h ** 3 + c["column_update"] * 2.5 * h ** 3
-                 + c["column_inner"] * 2.5 * h * h + c["per_column"] * 4 * h + c["per_matrix"] * 4)
+    # one Hessian for q/k/v, one for o; q/k/v share column loops while they fit in 1024 rows (q: H, k and v: H/4)
+    qkv_loops = 1 if 1.5 * h <= 1024 else (2 if h / 2 <= 1024 else 3)
+    attention = (c["matmul"] * 4 * n * h * h + c["attention_scores"] * n * s * h + c["hessian"] * 2 * n * h * h
+                 + c["factorisation"] * 2 * h ** 3 + c["column_update"] * 2.5 * h ** 3
+                 + c["column_inner"] * 2.5 * h * h + c["per_column"] * (qkv_loops + 1) * h + c["per_matrix"] * 4)
     router = 0.0
     if qesc:
         sub = min(n, 32768)
@@ -52,13 +54,26 @@ def closed_form_stages(h, i, e, ns, s, method, steps=50, t=None):
             router += c["router_tokens"] * steps * sub * h * e
     experts = (c["matmul"] * (n * h * e + t * 2 * i * h) + c["hessian"] * t * (h * h + i * i)
                + c["factorisation"] * e * (h ** 3 + i ** 3) + c["column_update"] * e * (2 * i * h * h + h * i * i)
-               + c["column_inner"] * 3 * e * i * h + c["per_column"] * e * (2 * h + i) + c["per_matrix"] * 3 * e)
-    passes = 2 if qesc else 1
-    advance = passes * (c["matmul"] * (n * 2.5 * h * h + n * h * e + 2 * n * 3 * i * h)
-                        + c["attention_scores"] * n * s * h + c["expert_calls"] * e * math.ceil(ns / 8))
+               + c["column_inner"] * 3 * e * i * h + c["per_column"] * expert_steps(h, i, e) + c["per_matrix"] * 3 * e)
+    passes = 2 if qesc else 1  # the block only, on the captured block input: no attention
+    advance = passes * (c["matmul"] * (n * h * e + 2 * n * 3 * i * h) + c["expert_calls"] * e * math.ceil(ns / 8))
     capture = c["matmul"] * 2.5 * n * h * h + c["attention_scores"] * n * s * h
     params = 2.5 * h * h + e * h + 3 * e * i * h + 2 * h
     return {"attention": attention, "router": router, "experts": experts, "advance": advance}, capture, params
+
+
+def expert_steps(h, i, e):
+    """GPTQ column steps of e experts ([I, H] gate and up on one solver, [H, I] down), in batches of
+    1024 // min(2I, H): gate+up stacked (2I rows) when 2I <= 1024, else a loop per matrix; downs share loops of
+    1024 rows."""
+    per_batch = max(1, 1024 // min(2 * i, h))
+    steps = 0
+    for b in range(0, e, per_batch):
+        n_b = min(per_batch, e - b)
+        gate_up = math.ceil(n_b / (1024 // (2 * i))) if 2 * i <= 1024 else 2 * n_b
+        down = math.ceil(n_b / (1024 // h)) if h <= 1024 else n_b
+        steps += gate_up * h + down * i
+    return steps
 
 
 def synthetic_point(label, sweep, h, i, e, ns, s, method):
@@ -144,14 +159,15 @@ def _only(term: str, value: float) -> "sl.Fit":
 
 
 def test_projection_arithmetic_on_full_mixtral():
-    """Only the factorisation costs: 1 ns per c^3. Mixtral-8x7B per layer: q, k, v, o (inputs 4096) and per expert
-    one 4096 (gate/up) and one 14336 (down) Hessian; 32 layers. The GPUs: 2 flops per unit at 10% of fp32 peak."""
+    """Only the factorisation costs: 1 ns per c^3. Mixtral-8x7B per layer: one Hessian for q, k, v and one for o
+    (inputs 4096) and per expert one 4096 (gate/up) and one 14336 (down) Hessian; 32 layers. The GPUs: 2 flops per
+    unit at 10% of fp32 peak."""
     config = sl.load_bundled_config("mixtral-8x7b")
     case = sl.config_case(config, 128, 2048, method="gptq")
     assert case.attention == [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
     assert (case.experts, case.intermediate, case.topk, case.tokens) == (8, 14336, 2, 262144)
     fit = _only("factorisation", 1e-9)
-    units = 4 * 4096 ** 3 + 8 * (4096 ** 3 + 14336 ** 3)
+    units = 2 * 4096 ** 3 + 8 * (4096 ** 3 + 14336 ** 3)
     memory = {"device_peak": 23 * 2**30}
     proj = sl.project(fit, "mixtral-8x7b", config, 128, 2048, "gptq", 1000, memory=memory)
     assert proj["cpu"]["layer_seconds"] == pytest.approx(1e-9 * units)
@@ -179,8 +195,8 @@ def test_qwen3_shapes_and_dispatch_on_gpu():
     assert case.expected_hessian_tokens() == 8 * 262144  # 16384 tokens per expert, over its width: none pooled
     # dispatch on a GPU: launches per unit x the per-launch cost; per_column counts 2 x 2048 + 768 per expert
     work = sl.stage_work(case)
-    assert work["experts"]["per_column"] == 128 * (2 * 2048 + 768)
-    assert work["attention"]["per_column"] == 3 * 2048 + 4096
+    assert work["experts"]["per_column"] == 128 * (2 * 2048 + 768)  # no two of its matrices fit one loop
+    assert work["attention"]["per_column"] == 2 * 2048 + 4096  # q alone, k and v stacked (1024 rows), o
     dispatch = sum(u * sl.TERMS[t][1] * sl.GPU_LAUNCH_SECONDS for w in work.values() for t, u in w.items()
                    if sl.TERMS[t][2] == "dispatch")
     assert sl.gpu_seconds(case, sl.GPU_ASSUMPTIONS["A100 80GB"], 0.0)["dispatch"] == pytest.approx(dispatch)
@@ -201,7 +217,8 @@ def test_json_doc_and_plot_from_saved_measurements(tmp_path):
     assert [r["label"] for r in result["validation"] if r["held_out"]] == ["I=4096", "I=4096"]
     families = {(p["family"], p["method"]) for p in result["projections"]}
     assert families == {(f, m) for f in sl.FULL_MODELS for m in ("gptq", "qesc")}
-    assert len(result["memory"]) == len(points) and len(result["slices"]) == 2
+    slice_records = list((REPO / "docs" / "memory").glob("*.json"))
+    assert len(result["memory"]) == len(points) and len(result["slices"]) == len(slice_records)
     text = doc.read_text()
     assert "    bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1\n" in text  # measured by
     assert f"    {sl.RERUN}\n" in text
@@ -253,3 +270,21 @@ def test_merge_measurements_adds_only_new_points():
     assert command == "python scripts/scaling_law.py --threads 1 ; python scripts/scaling_law.py --nsamples 16 256 --threads 1"
     with pytest.raises(ValueError, match="different thread counts"):
         sl.merge_measurements([first, {**second, "threads": 2}])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_column_loops_copy_equals_the_solvers(seed):
+    """The script's copy of quant.gptq.column_loops (it cannot import torch) plans the same loops."""
+    import random
+
+    from eacmoe.quant.gptq import GPTQ, column_loops
+
+    rng = random.Random(seed)
+    solvers = [GPTQ(8) for _ in range(4)]
+    matrices = []
+    for _ in range(rng.randint(1, 12)):
+        solver, rows = rng.randrange(4), rng.choice([64, 128, 256, 512, 768, 1024, 1536])
+        matrices += [(solver, rows)] * rng.randint(1, 3)
+    theirs = column_loops([(solvers[k], (rows, 8)) for k, rows in matrices])
+    ours = sl.column_loops([(solvers[k], rows, 8) for k, rows in matrices])
+    assert ours == theirs
