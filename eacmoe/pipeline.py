@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .adapters import MoEAdapter, Routing, get_adapter
 from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
+from .gptq_target import FPExpertInputs, check_gptq_target, fp_expert_inputs
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
@@ -72,6 +73,7 @@ class QuantizeConfig:
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
     sparse_expert_policy: str = "pool"
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
+    gptq_target: str = "quantized"       # what the experts' GPTQ fits: quantized | fp | fp:A (gptq_target.py)
     batch_size: int = 8
     seed: int = 0
 
@@ -82,6 +84,7 @@ class QuantizeConfig:
             raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
+        check_gptq_target(self.gptq_target, self.method)
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
 
@@ -288,12 +291,24 @@ def _expert_token_chunks(expert_input: torch.Tensor, token_index: torch.Tensor |
 
 
 def _weighted_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | None, widest: int,
-                     row_weights: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """`_expert_token_chunks` with each chunk's slice of `row_weights` (one weight per selected row, or None)."""
+                     row_weights: torch.Tensor | None, fp_inputs: FPExpertInputs | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """`_expert_token_chunks` with each chunk's slice of `row_weights` (one weight per selected row, or None) and
+    the FP stream's rows of the same tokens (None without `fp_inputs`)."""
     start = 0
     for x in _expert_token_chunks(expert_input, token_index, widest):
-        yield x, None if row_weights is None else row_weights[start:start + x.shape[0]]
-        start += x.shape[0]
+        stop = start + x.shape[0]
+        yield (x, None if row_weights is None else row_weights[start:stop],
+               None if fp_inputs is None else fp_inputs.rows(token_index, start, stop))
+        start = stop
+
+
+def _add_rows(solver, x: torch.Tensor, weights: torch.Tensor | None, x_fp: torch.Tensor | None) -> None:
+    """Rows sqrt(w) x into a GPTQ solver, or (sqrt(w) x, sqrt(w) x_fp) into an AsymmetricGPTQ (gptq_target.py)."""
+    if x_fp is None:
+        solver.add_batch(weighted_rows(x, weights))
+    else:
+        solver.add_batch(weighted_rows(x, weights), weighted_rows(x_fp, weights))
 
 
 def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None],
@@ -381,7 +396,10 @@ class LayerwiseQuantizer:
 
     # -- routed experts -------------------------------------------------------------------------------
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
-                                 routing: Routing, bits: int, report: LayerReport) -> None:
+                                 routing: Routing, bits: int, report: LayerReport,
+                                 fp_inputs: FPExpertInputs | None = None) -> None:
+        """GPTQ (or RTN) of every routed expert on the tokens `routing` sends to it; with `fp_inputs`, each fits
+        the FP expert's output on the FP stream's rows of the same tokens (--gptq-target, gptq_target.py)."""
         adapter, cfg = self.adapter, self.config
         hessian = get_expert_hessian(cfg.expert_hessian)
         act = adapter.expert_act(block)
@@ -405,18 +423,21 @@ class LayerwiseQuantizer:
             row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
             widest = max(weights["gate_proj"].shape)
             if not use_rtn:
-                solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
-                for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
-                    solver.add_batch(weighted_rows(x, w))
+                solver = (GPTQ if fp_inputs is None else fp_inputs.solver)(weights["gate_proj"].shape[1],
+                                                                             device=expert_input.device)
+                for x, w, x_fp in _weighted_chunks(expert_input, token_index, widest, row_weights, fp_inputs):
+                    _add_rows(solver, x, w, x_fp)
             gate_q = self._quantize_matrix(names["gate_proj"], weights["gate_proj"], bits, solver, report)
             up_q = self._quantize_matrix(names["up_proj"], weights["up_proj"], bits, solver, report)
             down_solver = None
             if not use_rtn:
-                down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
+                down_solver = (GPTQ if fp_inputs is None else fp_inputs.solver)(weights["down_proj"].shape[1],
+                                                                                  device=expert_input.device)
                 with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
-                    for x, w in _weighted_chunks(expert_input, token_index, widest, row_weights):
-                        down_solver.add_batch(weighted_rows(
-                            act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w))
+                    for x, w, x_fp in _weighted_chunks(expert_input, token_index, widest, row_weights, fp_inputs):
+                        _add_rows(down_solver, act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w,
+                                  None if x_fp is None else fp_inputs.down_input(x_fp, weights["gate_proj"],
+                                                                                 weights["up_proj"]))
             down_q = self._quantize_matrix(names["down_proj"], weights["down_proj"], bits, down_solver, report)
             adapter.set_expert_weights(block, e, {"gate_proj": gate_q, "up_proj": up_q, "down_proj": down_q})
 
@@ -460,6 +481,7 @@ class LayerwiseQuantizer:
             if needs_data:
                 expert_input = capture_module_input(layer, block, q_stream, layer_kwargs, cfg.batch_size, device)
             t0 = time.perf_counter()
+            fp_experts = None  # the FP stream's block input, for --gptq-target fp (gptq_target.py)
             if needs_fp:
                 router_input_fp = capture_module_input(fp_layer, adapter.moe_block(fp_layer), fp_stream, layer_kwargs,
                                                        cfg.batch_size, device)
@@ -474,6 +496,7 @@ class LayerwiseQuantizer:
                 router_weight.data.copy_(result.weight)
                 report.router = {"topk": min(topk, num_experts), "loss_before": result.loss_before,
                                  "loss_after": result.loss_after, "best_step": result.best_step}
+                fp_experts = fp_expert_inputs(cfg.gptq_target, router_input_fp, adapter.expert_act(block))
                 del router_input_fp
             report.seconds["router"] = time.perf_counter() - t0
             if needs_fp:  # the FP copy's last use: advance its stream now, so it is freed before the experts
@@ -502,12 +525,13 @@ class LayerwiseQuantizer:
             with torch.no_grad():
                 if needs_data:
                     routing = adapter.route(block, expert_input)
-                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, cfg.expert_bits[index], report)
+                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, cfg.expert_bits[index], report,
+                                                  fp_experts)
                 else:
                     dummy = Routing(logits=None, weights=None, indices=torch.empty(0, 1, dtype=torch.long))
                     self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, cfg.expert_bits[index], report)
             report.seconds["experts"] = time.perf_counter() - t0
-            del expert_input
+            del expert_input, fp_experts
 
         t0 = time.perf_counter()
         if needs_data:
