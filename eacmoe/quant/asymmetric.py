@@ -34,14 +34,18 @@ which is linear in ``X_fp - X_q``, by ``alpha = 0.25`` by default; ``C_alpha`` i
 GPTAQ's own formulation, and why not that one: it keeps ``W`` as the target and adds a column-wise correction to
 the GPTQ loop, ``P = alpha * triu_1((X_fp - X_q) X_q^T U^T) U`` (``U``: the upper Cholesky factor of ``H^-1``); when
 column ``i`` is quantized, the residual ``w_i (x_fp,i - x_q,i)`` of that column is absorbed by the columns not
-quantized yet (row ``i`` of P, a second rank-1 update per column). Two differences: (1) it changes the column loop
-itself (dense ``P``, an extra update per column and per lazy block), where the reduction above leaves the solver
-untouched (one ``[rows, columns] x [columns, columns]`` product and one Cholesky solve per matrix, and a second
-``[columns, columns]`` accumulator next to ``H``); (2) it is not the minimiser of its objective even without
-rounding: at infinite precision its first column is never changed and the residual of its last column is never
-compensated, while GPTQ on ``W*`` returns exactly the least-squares optimum ``W*``, and at every step of the column
-loop the not-yet-quantized columns sit at the optimum of the asymmetric objective given the quantized ones (GPTQ's
-OBS invariant applied to the identity above).
+quantized yet (row ``i`` of P, a second rank-1 update per column, with ``w_i`` the column's current, already
+corrected value). Differences: (1) it changes the column loop itself (a dense ``P``, an extra update per column and
+per lazy block), where the reduction above leaves the solver untouched (one ``[rows, columns] x [columns, columns]``
+product and one Cholesky solve per matrix, and a second ``[columns, columns]`` accumulator next to ``H``); (2) it
+does not reach the minimiser of its objective even without rounding: its first column is never changed and the
+residual of its last column is never compensated, and the corrections compound through the corrected ``w_i`` (with
+``alpha = 1`` it can end above the uncorrected ``W`` when the streams differ much, which its default
+``alpha = 0.25`` tempers). GPTQ on ``W*`` returns exactly the least-squares optimum ``W*`` without rounding, and at
+every step of the column loop the not-yet-quantized columns sit at the optimum of the asymmetric objective given
+the quantized ones (GPTQ's OBS invariant applied to the identity above).
+``tests/test_gptq_target.py::test_the_reduction_beats_gptaqs_column_wise_correction_on_its_own_objective`` runs
+both (GPTAQ's rule written from its update formula) on random problems.
 """
 from __future__ import annotations
 
