@@ -43,7 +43,7 @@ log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
 # the order of rows in the tables and of bars and lines in the plots
 METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted",
-                "qesc+fp-target", "qesc+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
+                "qesc+fp-target", "qesc+fp-target:0.5", "qesc+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
 # a method label is "<method>[+<expert Hessian>][+fp-target[:A]]": "qesc+weighted" = --method qesc --expert-hessian
 # weighted; "qesc+fp-target" = --method qesc --gptq-target fp; "qesc+fp-target:0.25" = --gptq-target fp:0.25
 
