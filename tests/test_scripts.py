@@ -207,7 +207,8 @@ FIGURE_SCRIPTS = ["scripts/benchmark_runtime.py", "scripts/deploy_24gb.py", "scr
                   "scripts/measure_real_shape_memory.py", "scripts/quantize_peak.py",
                   "scripts/model_card.py", "scripts/pesf_sweep.py", "scripts/qesc_experiments.py",
                   "scripts/router_sweep.py", "scripts/bench_peers.py", "scripts/profile_quantize.py",
-                  "scripts/bench_gptq_solver.py", "scripts/auto_bits_proxy_check.py", "eval/run_suite.py"]
+                  "scripts/bench_gptq_solver.py", "scripts/auto_bits_proxy_check.py", "scripts/gptq_target_fit.py",
+                  "eval/run_suite.py"]
 NOT_FIGURE_SCRIPTS = {
     "scripts/train_tiny_moe.py": "training; its own --threads is recorded in training_log.json and the model card",
     "scripts/train_tokenizer.py": "tokenizer training, no torch",
