@@ -34,6 +34,7 @@ from .bit_allocation import (
 from .assets import BUNDLED_MODELS, resolve_model
 from .expert_hessian import EXPERT_HESSIANS
 from .export import EXPORT_FORMATS, is_packed_export
+from .gptq_target import check_gptq_target
 from .lazy_loading import build_skeleton
 from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
 from .schedule import ALLOWED_BITS, BitsError, check_expert_counts, check_group_size, parse_bits_schedule
@@ -128,6 +129,10 @@ def _check_choices(job) -> None:
     for name, allowed in choices.items():
         if getattr(job, name) not in allowed:
             raise JobError(f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(job, name)!r})")
+    try:
+        check_gptq_target(job.gptq_target, job.method)
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
 
 
 def parse_device(name: str) -> torch.device:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .adapters import MoEAdapter, Routing, get_adapter
 from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
+from .gptq_target import FPExpertInputs, check_gptq_target, fp_expert_inputs
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.gptq import GPTQ_LOOP_ROWS, column_loops, quantize_together
 from .quant.serialize import quantized_from_tensors, quantized_tensors
@@ -73,6 +74,7 @@ class QuantizeConfig:
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
     sparse_expert_policy: str = "pool"
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
+    gptq_target: str = "quantized"       # what the experts' GPTQ fits: quantized | fp | fp:A (gptq_target.py)
     batch_size: int = 8
     seed: int = 0
     # per layer, one width per routed expert (None: the layer's width), from `--bits auto:B --per-expert-bits`
@@ -90,6 +92,7 @@ class QuantizeConfig:
             raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
+        check_gptq_target(self.gptq_target, self.method)
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
         if self.routed_expert_bits is not None and len(self.routed_expert_bits) != len(self.expert_bits):
@@ -339,12 +342,24 @@ def _expert_token_chunks(expert_input: torch.Tensor, token_index: torch.Tensor |
 
 
 def _weighted_chunks(expert_input: torch.Tensor, token_index: torch.Tensor | None, widest: int,
-                     row_weights: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """`_expert_token_chunks` with each chunk's slice of `row_weights` (one weight per selected row, or None)."""
+                     row_weights: torch.Tensor | None, fp_inputs: FPExpertInputs | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """`_expert_token_chunks` with each chunk's slice of `row_weights` (one weight per selected row, or None) and
+    the FP stream's rows of the same tokens (None without `fp_inputs`)."""
     start = 0
     for x in _expert_token_chunks(expert_input, token_index, widest):
-        yield x, None if row_weights is None else row_weights[start:start + x.shape[0]]
-        start += x.shape[0]
+        stop = start + x.shape[0]
+        yield (x, None if row_weights is None else row_weights[start:stop],
+               None if fp_inputs is None else fp_inputs.rows(token_index, start, stop))
+        start = stop
+
+
+def _add_rows(solver, x: torch.Tensor, weights: torch.Tensor | None, x_fp: torch.Tensor | None) -> None:
+    """Rows sqrt(w) x into a GPTQ solver, or (sqrt(w) x, sqrt(w) x_fp) into an AsymmetricGPTQ (gptq_target.py)."""
+    if x_fp is None:
+        solver.add_batch(weighted_rows(x, weights))
+    else:
+        solver.add_batch(weighted_rows(x, weights), weighted_rows(x_fp, weights))
 
 
 def collect_hessians(group: list[tuple[str, nn.Linear]], run_batches: Callable[[], None],
@@ -443,9 +458,12 @@ class LayerwiseQuantizer:
                 out[i] = self._record(name, rtn_quantize(weight, spec), None, report, weight.dtype)
             else:
                 gptq_items.append(i)
-        for loop in column_loops([(items[i][2], items[i][1].shape) for i in gptq_items], self.loop_rows):
+        # what each solver's column loop quantizes: a GPTQ solver its weight, an asymmetric one (--gptq-target) its
+        # FP target, on its inner GPTQ solver (quant/asymmetric.py)
+        loop_inputs = {i: items[i][2].loop_input(items[i][1], spec) for i in gptq_items}
+        for loop in column_loops([(loop_inputs[i][0], items[i][1].shape) for i in gptq_items], self.loop_rows):
             chosen = [gptq_items[k] for k in loop]
-            results = quantize_together([items[i][2] for i in chosen], [items[i][1] for i in chosen], spec)
+            results = quantize_together([loop_inputs[i][0] for i in chosen], [loop_inputs[i][1] for i in chosen], spec)
             for i, result in zip(chosen, results):
                 name, weight, _solver = items[i]
                 out[i] = self._record(name, result.qweight, result.loss, report, weight.dtype)
@@ -483,11 +501,12 @@ class LayerwiseQuantizer:
         return use_rtn, token_index, row_weights
 
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
-                                 routing: Routing, report: LayerReport) -> None:
+                                 routing: Routing, report: LayerReport, fp_inputs: FPExpertInputs | None = None) -> None:
         """GPTQ of every routed expert on the tokens routed to it. The gate and up projections share their input
         (one solver, stacked rows); the down projection's input is computed with the expert's quantized gate and
         up. Experts go through the solver a few at a time (as many as one small column loop takes: see
-        `_quantize_matrices`), so at most that many experts' Hessians exist at once."""
+        `_quantize_matrices`), so at most that many experts' Hessians exist at once. With `fp_inputs`, each fits
+        the FP expert's output on the FP stream's rows of the same tokens (--gptq-target, gptq_target.py)."""
         adapter, cfg = self.adapter, self.config
         hessian = get_expert_hessian(cfg.expert_hessian)
         act = adapter.expert_act(block)
@@ -519,10 +538,12 @@ class LayerwiseQuantizer:
         for batch in batches:
             bits = batch[0][4]
             solvers = []
+            new_solver = GPTQ if fp_inputs is None else fp_inputs.solver
             for _e, weights, token_index, row_weights, _b in batch:
-                solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
-                for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape), row_weights):
-                    solver.add_batch(weighted_rows(x, w))
+                solver = new_solver(weights["gate_proj"].shape[1], device=expert_input.device)
+                for x, w, x_fp in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape),
+                                                   row_weights, fp_inputs):
+                    _add_rows(solver, x, w, x_fp)
                 solvers.append(solver)
             gate_up = self._quantize_matrices(
                 [(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, solvers)
@@ -530,12 +551,13 @@ class LayerwiseQuantizer:
             del solvers
             down_solvers = []
             for (_e, weights, token_index, row_weights, _b), gate_q, up_q in zip(batch, gate_up[0::2], gate_up[1::2]):
-                down_solver = GPTQ(weights["down_proj"].shape[1], device=expert_input.device)
+                down_solver = new_solver(weights["down_proj"].shape[1], device=expert_input.device)
                 with torch.no_grad():  # the down projection's input, from the quantized gate and up, chunk by chunk
-                    for x, w in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape),
-                                                 row_weights):
-                        down_solver.add_batch(weighted_rows(
-                            act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w))
+                    for x, w, x_fp in _weighted_chunks(expert_input, token_index, max(weights["gate_proj"].shape),
+                                                       row_weights, fp_inputs):
+                        _add_rows(down_solver, act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T), w,
+                                  None if x_fp is None else fp_inputs.down_input(x_fp, weights["gate_proj"],
+                                                                                 weights["up_proj"]))
                 down_solvers.append(down_solver)
             downs = self._quantize_matrices(
                 [(names[e][k], weights[k], solver) for (e, weights, _t, _w, _b), solver in zip(batch, down_solvers)
@@ -584,6 +606,7 @@ class LayerwiseQuantizer:
                 residual, expert_input = capture_block_input(layer, adapter, q_stream, layer_kwargs, cfg.batch_size,
                                                              device)
             t0 = time.perf_counter()
+            fp_experts = None  # the FP stream's block input, for --gptq-target fp (gptq_target.py)
             if needs_fp:
                 residual_fp, router_input_fp = capture_block_input(fp_layer, adapter, fp_stream, layer_kwargs,
                                                                    cfg.batch_size, device)
@@ -598,6 +621,7 @@ class LayerwiseQuantizer:
                 router_weight.data.copy_(result.weight)
                 report.router = {"topk": min(topk, num_experts), "loss_before": result.loss_before,
                                  "loss_after": result.loss_after, "best_step": result.best_step}
+                fp_experts = fp_expert_inputs(cfg.gptq_target, router_input_fp, adapter.expert_act(block))
             report.seconds["router"] = time.perf_counter() - t0
             if needs_fp:  # the FP copy's last use: advance its stream now, so it is freed before the experts
                 t0 = time.perf_counter()
@@ -626,11 +650,12 @@ class LayerwiseQuantizer:
             with torch.no_grad():
                 if needs_data:
                     routing = adapter.route(block, expert_input)
-                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, report)
+                    self._quantize_routed_experts(block_prefix, block, expert_input, routing, report, fp_experts)
                 else:
                     dummy = Routing(logits=None, weights=None, indices=torch.empty(0, 1, dtype=torch.long))
                     self._quantize_routed_experts(block_prefix, block, torch.empty(0, 0), dummy, report)
             report.seconds["experts"] = time.perf_counter() - t0
+            fp_experts = None
 
         t0 = time.perf_counter()
         if block is not None and needs_data:  # attention is final: only the quantized block has to run

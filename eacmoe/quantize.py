@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token weights in the experts' GPTQ Hessians: routed = every token routed to the expert "
                         "counts once (GPTQModel); weighted = each counts with its combine weight g (after the "
                         "family's renormalisation), the shared expert with its gate (MoEQuant); docs/QUANTIZING.md")
+    p.add_argument("--gptq-target", default="quantized", metavar="{quantized,fp,fp:A}",
+                   help="what the routed experts' GPTQ fits: quantized = the layer output on the quantized "
+                        "model's inputs (GPTQ); fp = the FP model's expert output on the FP model's inputs for the "
+                        "same tokens (asymmetric calibration, GPTAQ); fp:A (0 < A <= 1) fits the inputs "
+                        "X_q + A (X_fp - X_q). Needs --method qesc or qesc-mse (the FP stream); "
+                        "eacmoe/gptq_target.py")
     p.add_argument("--eval-samples", type=int, default=32, help="held-out sequences for the final evaluation")
     p.add_argument("--eval-seqlen", type=int, default=None,
                    help="tokens per held-out sequence (default: the model's context, at most 512)")
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
                       router_lr=args.router_lr, router_solver=args.router_solver,
                       sparse_expert_policy=args.sparse_expert_policy, expert_hessian=args.expert_hessian,
+                      gptq_target=args.gptq_target,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
                       lazy=args.lazy, format=args.format, threads=args.threads, sensitivity=args.sensitivity,

@@ -80,6 +80,7 @@ class QuantizeJob:
     router_solver: str = "adam"
     sparse_expert_policy: str = "pool"
     expert_hessian: str = "routed"    # routed | weighted, see expert_hessian.py
+    gptq_target: str = "quantized"    # quantized | fp | fp:A, see gptq_target.py
     eval_samples: int = 32
     eval_seqlen: int | None = None    # None: the model's context, at most 512
     device: str = "auto"
@@ -177,6 +178,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
         "router_calibration": router,
         "sparse_expert_policy": job.sparse_expert_policy if uses_data else None,
         "expert_hessian": job.expert_hessian if uses_data else None,
+        "gptq_target": job.gptq_target if uses_data else None,
     }
 
 
@@ -290,6 +292,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              router_solver=job.router_solver,
                              sparse_expert_policy=job.sparse_expert_policy, expert_hessian=job.expert_hessian,
+                             gptq_target=job.gptq_target,
                              seed=job.seed, routed_expert_bits=routed_bits)
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,

@@ -42,14 +42,33 @@ from eacmoe.workflow import bits_account, load_model  # noqa: E402
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
 # the order of rows in the tables and of bars and lines in the plots
-METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted", "qesc-mse"]
-# a method label is "<method>[+<expert Hessian>]": "qesc+weighted" = --method qesc --expert-hessian weighted
+METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted",
+                "qesc+fp-target", "qesc+fp-target:0.5", "qesc+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
+# a method label is "<method>[+<expert Hessian>][+fp-target[:A]]": "qesc+weighted" = --method qesc --expert-hessian
+# weighted; "qesc+fp-target" = --method qesc --gptq-target fp; "qesc+fp-target:0.25" = --gptq-target fp:0.25
 
 
 def method_config(label: str) -> dict:
-    """QuantizeConfig fields of a method label ("qesc", "qesc+weighted", ...)."""
-    method, _, hessian = label.partition("+")
-    return {"method": method, "expert_hessian": hessian or "routed"}
+    """QuantizeConfig fields of a method label ("qesc", "qesc+weighted", "qesc+weighted+fp-target", ...)."""
+    from eacmoe.expert_hessian import EXPERT_HESSIANS
+
+    method, *options = label.split("+")
+    config = {"method": method, "expert_hessian": "routed"}
+    for option in options:
+        if option in EXPERT_HESSIANS:
+            config["expert_hessian"] = option
+        elif option == "fp-target" or option.startswith("fp-target:"):
+            config["gptq_target"] = "fp" + option.removeprefix("fp-target")
+        else:
+            raise SystemExit(f"method label {label!r}: unknown option {option!r} (an expert Hessian "
+                             f"{', '.join(EXPERT_HESSIANS)}, or fp-target[:A])")
+    return config
+
+
+def label_base(label: str) -> str:
+    """The label without its last option: what a variant is paired against ("qesc+weighted+fp-target" ->
+    "qesc+weighted", "qesc+weighted" -> "qesc")."""
+    return label.rpartition("+")[0] if "+" in label else label
 
 
 def _method_rank(label: str) -> int:
@@ -308,7 +327,8 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
 
 
 def variant_table(rows: list[dict]) -> list[str]:
-    """Paired differences of the new options: `qesc+weighted − qesc` (the same bits), `gptq+weighted − gptq`, and
+    """Paired differences of the new options: `qesc+weighted − qesc` (the same bits), `gptq+weighted − gptq`,
+    `qesc+fp-target − qesc`, `qesc+weighted+fp-target − qesc+weighted`, and
     `auto:B − B` (the same method, the allocated schedule against the paper's)."""
     ppl, kl = PAIRED[2][1], PAIRED[1][1]
     by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
@@ -320,8 +340,8 @@ def variant_table(rows: list[dict]) -> list[str]:
         if k["method"] == "fp":
             continue
         twins = []
-        base, _, hessian = k["method"].partition("+")
-        if hessian:
+        base = label_base(k["method"])
+        if base != k["method"] and k["method"] != "qesc-experts+fp-router":
             twins.append(({**k, "method": base}, f"{k['bits']}: {k['method']} − {base}"))
         if str(k["bits"]).startswith("auto:"):
             paper = k["bits"].removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)

@@ -164,6 +164,8 @@ BAD_INPUTS = {
     "bits-per-layer-count": (("--bits", "2,2,2"), "2 layers"),
     "method-unknown": (("--method", "awq"), "invalid choice"),
     "expert-hessian-unknown": (("--expert-hessian", "uniform"), "invalid choice"),
+    "gptq-target-unknown": (("--gptq-target", "fp:1.5"), "--gptq-target must be"),
+    "gptq-target-without-fp-stream": (("--method", "gptq", "--gptq-target", "fp"), "needs the FP stream"),
     "bits-auto-out-of-range": (("--bits", "auto:5"), "2 <= B <= 4"),
     "bits-auto-not-a-number": (("--bits", "auto:x"), "auto:B"),
     "bits-auto-rtn-without-file": (("--bits", "auto:2.5", "--method", "rtn"), "needs --sensitivity"),
@@ -381,6 +383,21 @@ def test_flags_the_method_ignores_are_warned_about_and_not_recorded(tiny_mixtral
     assert warned_flags(caplog) == warned
     recorded = json.loads((out / "config.json").read_text())["quantization"]
     assert {k: recorded[k] for k in expected} == expected
+
+
+def test_gptq_target_fp_is_recorded_and_changes_only_the_routed_experts(tiny_mixtral: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    runs = {}
+    for target in ("quantized", "fp"):
+        out = tmp_path / target
+        code, _, err = quantize(capsys, "--model", tiny_mixtral, *FAST, "--gptq-target", target, "--out", out)
+        assert code == 0, err[-3000:]
+        assert json.loads((out / "config.json").read_text())["quantization"]["gptq_target"] == target
+        runs[target] = weights(out)
+    # in the first layer only the experts change (later layers see other inputs, so everything there may differ)
+    differ = {k for k in runs["fp"] if k.startswith("model.layers.0.")
+              and not torch.equal(runs["fp"][k], runs["quantized"][k])}
+    assert differ and all(".mlp.experts." in k for k in differ), sorted(differ)[:5]
 
 
 def test_router_topk_zero_never_means_the_default() -> None:

@@ -208,6 +208,7 @@ FIGURE_SCRIPTS = ["scripts/benchmark_runtime.py", "scripts/deploy_24gb.py", "scr
                   "scripts/model_card.py", "scripts/pesf_sweep.py", "scripts/qesc_experiments.py",
                   "scripts/router_sweep.py", "scripts/bench_peers.py", "scripts/profile_quantize.py",
                   "scripts/bench_gptq_solver.py", "scripts/auto_bits_proxy_check.py", "scripts/scaling_law.py",
+                  "scripts/gptq_target_fit.py",
                   "eval/run_suite.py"]
 NOT_FIGURE_SCRIPTS = {
     "scripts/train_tiny_moe.py": "training; its own --threads is recorded in training_log.json and the model card",
@@ -272,3 +273,29 @@ def test_run_suite_states_its_command_and_threads(tmp_path, monkeypatch):
     assert f"Produced by `{command}` (1 torch CPU thread(s))." in out.read_text()
     payload = json.loads(json_out.read_text())
     assert payload["threads"] == 1 and payload["command"] == command
+
+
+def test_qesc_method_labels_and_their_paired_twins(tmp_path):
+    """A label is <method>[+<expert Hessian>][+fp-target[:A]]; a variant is paired with the label without its last
+    option (GAP.md), so `qesc+weighted+fp-target` is compared with `qesc+weighted`, not with plain QESC."""
+    experiments = _load_script("qesc_experiments")
+    assert experiments.method_config("qesc") == {"method": "qesc", "expert_hessian": "routed"}
+    assert experiments.method_config("qesc+weighted+fp-target:0.5") == {
+        "method": "qesc", "expert_hessian": "weighted", "gptq_target": "fp:0.5"}
+    with pytest.raises(SystemExit, match="unknown option"):
+        experiments.method_config("qesc+gptaq")
+
+    def row(method, seed, ppl):
+        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": 0.01}, "shift": {"any": 0.1, "half": 0.1,
+                                                                                               "all": 0.0}}
+        return {"key": {"model": "m", "setting": "experts", "bits": "2", "method": method, "seed": seed},
+                "bundled-test": entry}
+
+    rows = [row(m, s, p + s) for s in (0, 1) for m, p in (("qesc", 50.0), ("qesc+weighted", 49.0),
+                                                          ("qesc+weighted+fp-target", 48.5), ("qesc+fp-target", 49.5))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    gap = (tmp_path / "GAP.md").read_text()
+    assert "| m | experts | 2: qesc+weighted+fp-target − qesc+weighted | 2 | -0.500 ± 0.000 |" in gap
+    assert "| m | experts | 2: qesc+fp-target − qesc | 2 | -0.500 ± 0.000 |" in gap
+    assert "2: qesc+weighted − qesc | 2 | -1.000 ± 0.000 |" in gap

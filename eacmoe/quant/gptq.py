@@ -228,6 +228,11 @@ class GPTQ:
         self._factor = (key, (perm, dead, U, damp, damp_frac))
         return self._factor[1]
 
+    def loop_input(self, weight: torch.Tensor, spec: QuantSpec) -> tuple["GPTQ", torch.Tensor]:
+        """(the solver, the matrix) that :func:`quantize_together` runs for ``weight``: the weight itself here; a
+        solver with another target (quant/asymmetric.py) returns its inner GPTQ solver and that target."""
+        return self, weight
+
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, *, exact_group_grids: bool = False) -> GPTQResult:
         """Quantize ``weight`` ``[rows, columns]`` with GPTQ under ``spec``.
