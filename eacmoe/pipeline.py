@@ -43,12 +43,12 @@ from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
+from .sparse_experts import SPARSE_EXPERT_POLICIES, LayerRouting, get_sparse_expert_policy
 from .weight_scan import scan_weights
 
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "qesc", "qesc-mse")
-SPARSE_EXPERT_POLICIES = ("pool", "rtn")
 
 
 class ProgressMismatchError(ValueError):
@@ -70,7 +70,7 @@ class QuantizeConfig:
     router_lr: float = 1e-3
     router_solver: str = "adam"          # adam (early-stopped, the default) or ridge (exact; router_calibration.py)
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
-    sparse_expert_policy: str = "pool"
+    sparse_expert_policy: str = "pool"   # pool | rtn | gptqmodel | weighted-pool (sparse_experts.py)
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
     batch_size: int = 8
     seed: int = 0
@@ -79,7 +79,10 @@ class QuantizeConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.sparse_expert_policy not in SPARSE_EXPERT_POLICIES:
-            raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
+            raise ValueError(f"sparse expert policy must be one of {', '.join(SPARSE_EXPERT_POLICIES)} "
+                             f"(got {self.sparse_expert_policy!r})")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 1:
+            raise ValueError(f"min_expert_tokens must be at least 1 (got {self.min_expert_tokens})")
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
@@ -387,22 +390,20 @@ class LayerwiseQuantizer:
         act = adapter.expert_act(block)
         num_experts = adapter.num_experts(block)
         report.expert_tokens = []
+        policy = get_sparse_expert_policy(cfg.sparse_expert_policy)  # sparse_experts.py: what a starved expert gets
+        layer_routing = LayerRouting(routing, expert_input.shape[0], hessian, cfg.min_expert_tokens,
+                                     lambda: adapter.expert_probabilities(block, routing.logits))
         for e in range(num_experts):
             token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
             report.expert_tokens.append(int(token_index.numel()))
             weights = adapter.expert_weights(block, e)
             names = {k: f"{prefix}.experts.{e}.{k}" for k in weights}
-            min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
-            use_rtn = cfg.method == "rtn"
-            if not use_rtn and token_index.numel() < min_tokens:
-                report.sparse_experts.append(e)
-                if cfg.sparse_expert_policy == "rtn":
-                    use_rtn = True
-                else:  # pool: the layer's whole token distribution stands in for the expert's own
-                    token_index = None
+            use_rtn, row_weights = cfg.method == "rtn", None
+            if not use_rtn:  # RTN or which rows (None: all) with which Hessian row weights (None: unweighted)
+                chosen = policy.select(e, token_index, weights["gate_proj"].shape[1], layer_routing)
+                report.sparse_experts += [e] if chosen.sparse else []
+                use_rtn, token_index, row_weights = chosen.rtn, chosen.token_index, chosen.row_weights
             solver = None
-            # per-token weights of this expert's Hessians (None: unweighted; pooled tokens are never weighted)
-            row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
             widest = max(weights["gate_proj"].shape)
             if not use_rtn:
                 solver = GPTQ(weights["gate_proj"].shape[1], device=expert_input.device)
