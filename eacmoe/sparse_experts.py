@@ -119,6 +119,8 @@ class RTNPolicy(SparseExpertPolicy):
 # (gptqmodel/quantization/gptq.py) calls it with the module's self.nsamples (rows = tokens it was fed: for an
 # expert, the tokens routed to it) and expected_nsamples = LoopProcessor.total_calibration_tokens
 # (gptqmodel/looper/loop_processor.py `_compute_total_tokens`: the attention-mask sum over the calibration set).
+# An expert sees only its routed tokens there unless QuantizeConfig.moe asks otherwise (its default is None;
+# ExpertsRoutingBypass / ExpertsRoutingOverride in gptqmodel/quantization/config.py would feed it more).
 GPTQMODEL_FALLBACK_PERCENT = 0.5
 
 
