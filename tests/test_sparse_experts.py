@@ -243,3 +243,24 @@ def test_pipeline_quantizes_each_expert_as_its_policy_says(policy: str) -> None:
     expected = {"pool": {"own", "pool"}, "rtn": {"own", "rtn"}, "weighted-pool": {"own", "weighted pool"},
                 "gptqmodel": {"own", "rtn", "own, under the input width"}}[policy]
     assert branches == expected
+
+
+@pytest.mark.parametrize(("name", "score"), [("qwen2_moe", "softmax"), ("deepseek_v3", "sigmoid")])
+@torch.no_grad()
+def test_weighted_pool_uses_the_familys_own_expert_scores(name: str, score: str) -> None:
+    """Every expert pooled (min_expert_tokens huge): its Hessians weight all T tokens of the layer by the family's
+    score of the expert, by hand from the block input and the router weight: a softmax over all experts (Qwen2-MoE),
+    DeepSeek-V3's unbiased sigmoid (no softmax, no correction bias)."""
+    ids = calib_ids(4, 32)
+    model, q = quantize(name, method="gptq", ids=ids, attn_bits=None, quantizer_class=RecordingQuantizer,
+                        sparse_expert_policy="weighted-pool", min_expert_tokens=10**9)
+    adapter = q.adapter
+    seen = observe_moe(model, adapter, ids, q.config.batch_size)
+    for i, block in moe_layers(model, adapter):
+        x = seen[i]["x"]
+        logits = x.double() @ adapter.router_weight(block).double().T
+        p = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+        assert q.reports[i].sparse_experts == list(range(adapter.num_experts(block)))
+        for e in range(adapter.num_experts(block)):
+            prefix = f"layers.{i}.mlp.experts.{e}"
+            assert_weighted_hessian(q.hessians[f"{prefix}.up_proj"], x, p[:, e], prefix)
