@@ -68,7 +68,8 @@ def test_hand_routing_counts() -> None:
 @pytest.mark.parametrize("policy", ["pool", "rtn", "weighted-pool"])
 @pytest.mark.parametrize(("min_expert_tokens", "sparse"), [(None, [3]), (6, [2, 3]), (5, [3]), (8, [1, 2, 3]),
                                                            (9, [0, 1, 2, 3]), (1, [])])
-def test_min_expert_tokens_policies_decide_and_weight_by_the_closed_form(policy: str, min_expert_tokens, sparse) -> None:
+def test_min_expert_tokens_policies_decide_and_weight_by_the_closed_form(policy: str, min_expert_tokens,
+                                                                        sparse) -> None:
     """Under min_expert_tokens (default: the input width 5), strictly: an expert with exactly that many tokens
     keeps its own. A kept expert gets its routed rows, unweighted (routed Hessian); a sparse one RTN (rtn), every
     row unweighted (pool) or every row weighted by softmax(logits)[t, e] (weighted-pool)."""
