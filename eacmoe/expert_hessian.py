@@ -16,8 +16,10 @@ Variants (one object each; `EXPERT_HESSIANS` is the one place to add another):
   every matrix). It is fed to the solver as rows ``sqrt(g_{t,e}) x_t``. The same weight applies to the down
   projection's input ``act(gate x) * up x`` (its output is scaled by g too), and the shared expert's Linears get
   ``sqrt(gate_t)``. ``g`` comes from the routing that picked the tokens: the quantized model's own (calibrated)
-  router on the quantized stream, as `adapter.route` computes the combine weights. An expert quantized on the
-  layer's pooled tokens (too few routed tokens of its own) stays unweighted: those tokens have no weight for it.
+  router on the quantized stream, as `adapter.route` computes the combine weights. An expert with too few routed
+  tokens of its own follows `--sparse-expert-policy` (sparse_experts.py) instead: on the layer's pooled tokens
+  they have no combine weight for it, so ``pool`` leaves them unweighted and ``weighted-pool`` weights them by the
+  router's probability of the expert, through the same `weighted_rows`.
 """
 from __future__ import annotations
 

@@ -36,8 +36,9 @@ from .expert_hessian import EXPERT_HESSIANS
 from .export import EXPORT_FORMATS, is_packed_export
 from .gptq_target import check_gptq_target
 from .lazy_loading import build_skeleton
-from .pipeline import METHODS, SPARSE_EXPERT_POLICIES
+from .pipeline import METHODS
 from .schedule import ALLOWED_BITS, BitsError, check_expert_counts, check_group_size, parse_bits_schedule
+from .sparse_experts import SPARSE_EXPERT_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def _is_int(value) -> bool:
 
 def _check_numbers(job) -> None:
     at_least = {"nsamples": 1, "seqlen": 2, "eval_samples": 1, "eval_seqlen": 2, "router_steps": 1,
-                "router_topk": 1, "threads": 1}
-    optional = {"seqlen", "eval_seqlen", "router_topk", "threads"}  # None: chosen from the model or torch
+                "router_topk": 1, "threads": 1, "min_expert_tokens": 1}
+    optional = {"seqlen", "eval_seqlen", "router_topk", "threads", "min_expert_tokens"}  # None: from the model/torch
     for name, low in at_least.items():
         value = getattr(job, name)
         if value is None and name in optional:
@@ -219,6 +220,10 @@ def ineffective_flags(job) -> list[str]:
         ignored.update(dict.fromkeys(("calib", "nsamples", "seqlen", "seed"), "--method rtn uses no calibration data"))
         ignored["act_order"] = "--method rtn has no Hessian to order columns by"
         ignored["sparse_expert_policy"] = "--method rtn quantizes every expert the same way"
+        ignored["min_expert_tokens"] = "--method rtn quantizes every expert the same way"
+    elif not SPARSE_EXPERT_POLICIES[job.sparse_expert_policy].uses_min_expert_tokens:
+        ignored["min_expert_tokens"] = (f"--sparse-expert-policy {job.sparse_expert_policy} has its own token "
+                                        "threshold")
         ignored["expert_hessian"] = "--method rtn has no Hessian"
     defaults = {f.name: f.default for f in fields(job)}
     return [f"{flag(name)} has no effect: {why}" for name, why in ignored.items()

@@ -45,12 +45,12 @@ from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
 from .quant.gptq import GPTQ_LOOP_ROWS, column_loops, quantize_together
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
+from .sparse_experts import SPARSE_EXPERT_POLICIES, LayerRouting, get_sparse_expert_policy
 from .weight_scan import scan_weights
 
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "qesc", "qesc-mse")
-SPARSE_EXPERT_POLICIES = ("pool", "rtn")
 
 
 class ProgressMismatchError(ValueError):
@@ -72,7 +72,7 @@ class QuantizeConfig:
     router_lr: float = 1e-3
     router_solver: str = "adam"          # adam (early-stopped, the default) or ridge (exact; router_calibration.py)
     min_expert_tokens: int | None = None  # below this an expert follows sparse_expert_policy; None = its input width
-    sparse_expert_policy: str = "pool"
+    sparse_expert_policy: str = "pool"   # pool | rtn | gptqmodel | weighted-pool (sparse_experts.py)
     expert_hessian: str = "routed"       # token weights in expert Hessians: routed | weighted (expert_hessian.py)
     gptq_target: str = "quantized"       # what the experts' GPTQ fits: quantized | fp | fp:A (gptq_target.py)
     batch_size: int = 8
@@ -89,7 +89,10 @@ class QuantizeConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.sparse_expert_policy not in SPARSE_EXPERT_POLICIES:
-            raise ValueError(f"sparse expert policy must be one of {SPARSE_EXPERT_POLICIES}")
+            raise ValueError(f"sparse expert policy must be one of {', '.join(SPARSE_EXPERT_POLICIES)} "
+                             f"(got {self.sparse_expert_policy!r})")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 1:
+            raise ValueError(f"min_expert_tokens must be at least 1 (got {self.min_expert_tokens})")
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         check_gptq_target(self.gptq_target, self.method)
@@ -482,24 +485,6 @@ class LayerwiseQuantizer:
                 linear.weight.data = weight
 
     # -- routed experts -------------------------------------------------------------------------------
-    def _expert_tokens(self, routing: Routing, e: int, min_tokens: int, report: LayerReport,
-                       hessian) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
-        """(round to nearest?, the rows of the block input expert `e` is calibrated on (None: all of them), their
-        Hessian weights (None: unweighted)) under the sparse-expert policy."""
-        cfg = self.config
-        token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
-        report.expert_tokens.append(int(token_index.numel()))
-        use_rtn = cfg.method == "rtn"
-        if not use_rtn and token_index.numel() < min_tokens:
-            report.sparse_experts.append(e)
-            if cfg.sparse_expert_policy == "rtn":
-                use_rtn = True
-            else:  # pool: the layer's whole token distribution stands in for the expert's own
-                token_index = None
-        # per-token weights of this expert's Hessians (None: unweighted; pooled tokens are never weighted)
-        row_weights = None if use_rtn or token_index is None else hessian.routed_weights(routing, e, token_index)
-        return use_rtn, token_index, row_weights
-
     def _quantize_routed_experts(self, prefix: str, block: nn.Module, expert_input: torch.Tensor,
                                  routing: Routing, report: LayerReport, fp_inputs: FPExpertInputs | None = None) -> None:
         """GPTQ of every routed expert on the tokens routed to it. The gate and up projections share their input
@@ -514,11 +499,19 @@ class LayerwiseQuantizer:
         report.expert_tokens = []
         names = [{k: f"{prefix}.experts.{e}.{k}" for k in ("gate_proj", "up_proj", "down_proj")}
                  for e in range(num_experts)]
-        pending = []  # (expert, its weights, token index, row weights) of the experts quantized with GPTQ
+        pending = []  # (expert, its weights, token index, row weights, width) of the experts quantized with GPTQ
+        policy = get_sparse_expert_policy(cfg.sparse_expert_policy)  # sparse_experts.py: what a starved expert gets
+        layer_routing = LayerRouting(routing, expert_input.shape[0], hessian, cfg.min_expert_tokens,
+                                     lambda: adapter.expert_probabilities(block, routing.logits))
         for e in range(num_experts):
+            token_index = (routing.indices == e).any(dim=-1).nonzero().squeeze(-1)
+            report.expert_tokens.append(int(token_index.numel()))
             weights = adapter.expert_weights(block, e)
-            min_tokens = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else weights["gate_proj"].shape[1]
-            use_rtn, token_index, row_weights = self._expert_tokens(routing, e, min_tokens, report, hessian)
+            use_rtn, row_weights = cfg.method == "rtn", None
+            if not use_rtn:  # RTN or which rows (None: all) with which Hessian row weights (None: unweighted)
+                chosen = policy.select(e, token_index, weights["gate_proj"].shape[1], layer_routing)
+                report.sparse_experts += [e] if chosen.sparse else []
+                use_rtn, token_index, row_weights = chosen.rtn, chosen.token_index, chosen.row_weights
             expert_bits = cfg.expert_bits_for(report.layer, e)  # per-module schedules: this expert's own width
             if use_rtn:
                 gate_q, up_q, down_q = self._quantize_matrices(

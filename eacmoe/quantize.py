@@ -13,7 +13,8 @@ from .cli import OneLineErrorParser, print_error, setup_logging  # first: it qui
 from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
 from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
 from .expert_hessian import EXPERT_HESSIANS  # noqa: E402
-from .pipeline import METHODS, SPARSE_EXPERT_POLICIES  # noqa: E402
+from .pipeline import METHODS  # noqa: E402
+from .sparse_experts import SPARSE_EXPERT_POLICIES, policy_help  # noqa: E402
 from .threads import add_threads_argument  # noqa: E402
 
 log = logging.getLogger("eacmoe.quantize")
@@ -60,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-solver", choices=ROUTER_SOLVERS, default="adam",
                    help="adam: early-stopped Adam from the FP router; ridge: the exact TopK-MSE minimiser with damping "
                         "toward the FP router, damping chosen on held-out tokens (docs/ROUTER_SWEEP.md compares them)")
-    p.add_argument("--sparse-expert-policy", choices=SPARSE_EXPERT_POLICIES, default="pool",
-                   help="an expert that gets fewer calibration tokens than its input width is quantized with the "
-                        "layer's pooled tokens (pool) or round-to-nearest (rtn); counted in the log")
+    p.add_argument("--sparse-expert-policy", choices=tuple(SPARSE_EXPERT_POLICIES), default="pool",
+                   help=policy_help() + " (eacmoe/sparse_experts.py)")
+    p.add_argument("--min-expert-tokens", type=int, default=None,
+                   help="the fewest routed calibration tokens an expert is GPTQ'd on by itself; under it "
+                        "--sparse-expert-policy applies (default: the expert's input width)")
     p.add_argument("--expert-hessian", choices=tuple(EXPERT_HESSIANS), default="routed",
                    help="token weights in the experts' GPTQ Hessians: routed = every token routed to the expert "
                         "counts once (GPTQModel); weighted = each counts with its combine weight g (after the "
@@ -118,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                       sym=args.sym, act_order=args.act_order, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
                       router_lr=args.router_lr, router_solver=args.router_solver,
-                      sparse_expert_policy=args.sparse_expert_policy, expert_hessian=args.expert_hessian,
-                      gptq_target=args.gptq_target,
+                      sparse_expert_policy=args.sparse_expert_policy, min_expert_tokens=args.min_expert_tokens,
+                      expert_hessian=args.expert_hessian, gptq_target=args.gptq_target,
                       eval_samples=args.eval_samples, eval_seqlen=args.eval_seqlen, device=args.device,
                       dtype=args.dtype, seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
                       lazy=args.lazy, format=args.format, threads=args.threads, sensitivity=args.sensitivity,

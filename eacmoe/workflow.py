@@ -78,7 +78,8 @@ class QuantizeJob:
     router_steps: int = 1000
     router_lr: float = 1e-3
     router_solver: str = "adam"
-    sparse_expert_policy: str = "pool"
+    sparse_expert_policy: str = "pool"  # see sparse_experts.py
+    min_expert_tokens: int | None = None  # None: an expert's input width
     expert_hessian: str = "routed"    # routed | weighted, see expert_hessian.py
     gptq_target: str = "quantized"    # quantized | fp | fp:A, see gptq_target.py
     eval_samples: int = 32
@@ -177,6 +178,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
                         if uses_data else None),
         "router_calibration": router,
         "sparse_expert_policy": job.sparse_expert_policy if uses_data else None,
+        "min_expert_tokens": job.min_expert_tokens if uses_data else None,
         "expert_hessian": job.expert_hessian if uses_data else None,
         "gptq_target": job.gptq_target if uses_data else None,
     }
@@ -291,8 +293,8 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
                              group_size=job.group_size, sym=job.sym, act_order=job.act_order,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              router_solver=job.router_solver,
-                             sparse_expert_policy=job.sparse_expert_policy, expert_hessian=job.expert_hessian,
-                             gptq_target=job.gptq_target,
+                             sparse_expert_policy=job.sparse_expert_policy, min_expert_tokens=job.min_expert_tokens,
+                             expert_hessian=job.expert_hessian, gptq_target=job.gptq_target,
                              seed=job.seed, routed_expert_bits=routed_bits)
     progress_dir = partial / ".progress"
     quantizer = LayerwiseQuantizer(model, qconfig, device=device, progress_dir=progress_dir,

@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("eacmoe", "tests", "eval", "calibration", "scripts", "pyproject.toml")
 
 PIPELINE_TESTS = ("tests/test_pipeline.py",)
+SPARSE_TESTS = ("tests/test_sparse_experts.py",
+                "tests/test_pipeline.py::test_sparse_experts_pool_the_layer_or_fall_back_to_rtn",
+                "tests/test_pipeline.py::test_min_expert_tokens_is_the_fewest_tokens_an_expert_may_have")
 ROUTER_TESTS = ("tests/test_router_calibration.py", "tests/test_pipeline.py")
 SHIFT_TESTS = ("tests/test_expert_shift.py",)
 PACKING_TESTS = ("tests/test_packing.py", "tests/test_export.py::test_generate_after_load")
@@ -57,6 +60,7 @@ class Mutant:
 P, R, E, K, G, Q = "eacmoe/pipeline.py", "eacmoe/router_calibration.py", "eacmoe/expert_shift.py", \
     "eacmoe/quant/packing.py", "eacmoe/quant/gptq.py", "eacmoe/quant/grid.py"
 S, T = "eacmoe/pesf.py", "eacmoe/runtime/packed_modules.py"
+X, D = "eacmoe/sparse_experts.py", "eacmoe/adapters/deepseek.py"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ pipeline (QESC order, routing, Hessians)
@@ -82,13 +86,15 @@ MUTANTS: list[Mutant] = [
     Mutant("P7", P, "token_index = (routing.indices == e).any(dim=-1)",
            "token_index = (routing.indices == (e + 1) % num_experts).any(dim=-1)",
            "off by one expert: expert e quantized on expert e+1's tokens", PIPELINE_TESTS),
-    Mutant("P8", P, "if not use_rtn and token_index.numel() < min_tokens:",
-           "if not use_rtn and token_index.numel() <= min_tokens:",
-           "sparse-expert threshold off by one (< becomes <=)", PIPELINE_TESTS),
-    Mutant("P9", P, "                token_index = None\n", "                pass\n",
-           "pool policy keeps the sparse expert's own few tokens", PIPELINE_TESTS),
-    Mutant("P10", P, "                use_rtn = True\n", "                use_rtn = False\n",
-           "rtn policy ignored (sparse experts quantized by GPTQ on their few tokens)", PIPELINE_TESTS),
+    Mutant("P8", X, "if token_index.numel() >= self.threshold(input_width, layer):",
+           "if token_index.numel() > self.threshold(input_width, layer):",
+           "sparse-expert threshold off by one (< becomes <=)", SPARSE_TESTS),
+    Mutant("P9", P, "use_rtn, token_index, row_weights = chosen.rtn, chosen.token_index, chosen.row_weights",
+           "use_rtn, row_weights = chosen.rtn, chosen.row_weights",
+           "pool policy keeps the sparse expert's own few tokens (the pipeline ignores the policy's rows)",
+           SPARSE_TESTS),
+    Mutant("P10", X, "_RTN = ExpertTokens(sparse=True, rtn=True,", "_RTN = ExpertTokens(sparse=True, rtn=False,",
+           "rtn policy ignored (sparse experts quantized by GPTQ on their few tokens)", SPARSE_TESTS),
     Mutant("P11", P, "act(x.to(gate_q.dtype) @ gate_q.T) * (x.to(up_q.dtype) @ up_q.T)",
            "act(x.to(gate_q.dtype) @ weights[\"gate_proj\"].T) * (x.to(up_q.dtype) @ weights[\"up_proj\"].T)",
            "down_proj Hessian from the FP gate/up instead of the quantized ones", PIPELINE_TESTS),
@@ -150,6 +156,31 @@ MUTANTS: list[Mutant] = [
     Mutant("P29", P, "if solver is None or self.config.method == \"rtn\":", "if solver is None:",
            "RTN chosen only by a missing solver", PIPELINE_TESTS,
            survivor="equivalent: with method rtn no solver is ever built, so the second condition is redundant"),
+    # ------------------------------------------------------------------ sparse-expert policies (sparse_experts.py)
+    Mutant("X1", X, "(GPTQMODEL_FALLBACK_PERCENT / 100.0) * float(layer.total_tokens)",
+           "(GPTQMODEL_FALLBACK_PERCENT / 1000.0) * float(layer.total_tokens)",
+           "GPTQModel's 0.5% read as 0.05%", SPARSE_TESTS),
+    Mutant("X2", X, "(GPTQMODEL_FALLBACK_PERCENT / 100.0) * float(layer.total_tokens)",
+           "round((GPTQMODEL_FALLBACK_PERCENT / 100.0) * float(layer.total_tokens))",
+           "GPTQModel's threshold rounded to whole tokens (5.12 -> 5: an expert with 5 of 1024 keeps GPTQ)",
+           SPARSE_TESTS),
+    Mutant("X3", X, "    def threshold(self, input_width: int, layer: LayerRouting) -> float:\n        return (GPTQ",
+           "    def _threshold(self, input_width: int, layer: LayerRouting) -> float:\n        return (GPTQ",
+           "gptqmodel policy uses --min-expert-tokens instead of its 0.5% rule", SPARSE_TESTS),
+    Mutant("X4", X, "row_weights=layer.expert_probabilities()[:, expert].float())", "row_weights=None)",
+           "weighted-pool weights not applied (plain pool)", SPARSE_TESTS),
+    Mutant("X5", X, "row_weights=layer.expert_probabilities()[:, expert].float())",
+           "row_weights=layer.expert_probabilities()[:, (expert + 1) % layer.routing.logits.shape[-1]].float())",
+           "weighted-pool weighted by the next expert's probabilities", SPARSE_TESTS),
+    Mutant("X6", X, "row_weights=layer.hessian.routed_weights(layer.routing, expert, token_index))",
+           "row_weights=None)", "kept experts lose their --expert-hessian weights",
+           SPARSE_TESTS + ("tests/test_expert_hessian.py",)),
+    Mutant("X7", P, "layer_routing = LayerRouting(routing, expert_input.shape[0],",
+           "layer_routing = LayerRouting(routing, expert_input.shape[0] // 2,",
+           "the pipeline passes half the calibration token count (GPTQModel's threshold halves)", SPARSE_TESTS),
+    Mutant("X8", D, "        return logits.float().sigmoid()\n",
+           "        return torch.softmax(logits, dim=-1, dtype=torch.float32)\n",
+           "DeepSeek-V3 expert probabilities as a softmax instead of its sigmoid scores", SPARSE_TESTS),
     # ------------------------------------------------------------------ router calibration
     Mutant("R1", R, "target_index = ranking.topk(config.topk, dim=-1).indices",
            "target_index = ranking.topk(config.topk, dim=-1, largest=False).indices",

@@ -36,6 +36,7 @@ from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.job_checks import check_group_size_for_model  # noqa: E402
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig  # noqa: E402
 from eacmoe.schedule import parse_expert_bits  # noqa: E402
+from eacmoe.sparse_experts import SPARSE_EXPERT_POLICIES  # noqa: E402
 from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 from eacmoe.workflow import bits_account, load_model  # noqa: E402
 
@@ -44,16 +45,18 @@ SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = 
 # the order of rows in the tables and of bars and lines in the plots
 METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted",
                 "qesc+fp-target", "qesc+fp-target:0.5", "qesc+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
-# a method label is "<method>[+<expert Hessian>][+fp-target[:A]]": "qesc+weighted" = --method qesc --expert-hessian
-# weighted; "qesc+fp-target" = --method qesc --gptq-target fp; "qesc+fp-target:0.25" = --gptq-target fp:0.25
+# a method label is "<method>[+<expert Hessian>][+fp-target[:A]][@<sparse expert policy>]": "qesc+weighted" =
+# --method qesc --expert-hessian weighted; "qesc+fp-target:0.25" = --gptq-target fp:0.25; "gptq@rtn" = --method
+# gptq --sparse-expert-policy rtn (without @: the default, pool)
 
 
 def method_config(label: str) -> dict:
-    """QuantizeConfig fields of a method label ("qesc", "qesc+weighted", "qesc+weighted+fp-target", ...)."""
+    """QuantizeConfig fields of a method label ("qesc", "qesc+weighted+fp-target", "gptq@weighted-pool", ...)."""
     from eacmoe.expert_hessian import EXPERT_HESSIANS
 
+    label, _, policy = label.partition("@")
     method, *options = label.split("+")
-    config = {"method": method, "expert_hessian": "routed"}
+    config = {"method": method, "expert_hessian": "routed", "sparse_expert_policy": policy or "pool"}
     for option in options:
         if option in EXPERT_HESSIANS:
             config["expert_hessian"] = option
@@ -66,13 +69,17 @@ def method_config(label: str) -> dict:
 
 
 def label_base(label: str) -> str:
-    """The label without its last option: what a variant is paired against ("qesc+weighted+fp-target" ->
-    "qesc+weighted", "qesc+weighted" -> "qesc")."""
+    """What a variant is paired against: the label without its sparse-expert policy ("gptq@rtn" -> "gptq", the
+    default pool), else without its last option ("qesc+weighted+fp-target" -> "qesc+weighted")."""
+    if "@" in label:
+        return label.partition("@")[0]
     return label.rpartition("+")[0] if "+" in label else label
 
 
-def _method_rank(label: str) -> int:
-    return METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
+def _method_rank(label: str) -> tuple[int, int, str]:
+    base, _, policy = label.partition("@")
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, list(SPARSE_EXPERT_POLICIES).index(policy) if policy in SPARSE_EXPERT_POLICIES else -1, label)
 
 
 PER_EXPERT_SUFFIX = "+experts"  # "auto:B+experts" = --bits auto:B --per-expert-bits
@@ -154,7 +161,6 @@ def run(args) -> None:
                                                                     args.eval_seqlen) for d in DOMAINS})
         heldout = {k: v for k, v in heldout.items() if v is not None}
         references = {k: measure_fp_reference(fp_model, ids, batch_size=8) for k, ids in heldout.items()}  # fp/fp once
-        num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
         # fail before hours of work, not at the first quantized layer (e.g. tiny-qwen-moe's experts are 64 wide)
         check_group_size_for_model(fp_model, args.group_size)
         fp_key = {"model": model_name, "method": "fp"}
@@ -166,12 +172,14 @@ def run(args) -> None:
                 for method in args.methods:
                     for seed in ([0] if method == "rtn" else args.seeds):
                         key = {"model": model_name, "setting": setting, "bits": bits, "method": method, "seed": seed}
+                        if args.min_expert_tokens is not None:  # only then: keys of older rows stay as they were
+                            key["min_expert_tokens"] = args.min_expert_tokens
                         if json.dumps(key) in done:
                             continue
                         q_model = copy.deepcopy(fp_model)
                         cfg = QuantizeConfig(**schedule_for(bits, fp_model, model_name, args),
                                              attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed,
-                                             **method_config(method))
+                                             min_expert_tokens=args.min_expert_tokens, **method_config(method))
                         calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
                         t0 = time.perf_counter()
                         quantizer = LayerwiseQuantizer(q_model, cfg)
@@ -180,7 +188,9 @@ def run(args) -> None:
                         append(results_path, key, {"checkpoint": checkpoint, "threads": args.threads,
                                                    **evaluate(fp_model, q_model, tokenizer, heldout, references, args),
                                                    "seconds": seconds,
-                                                   "average_bits": bits_account(quantizer).paper_average_bits})
+                                                   "average_bits": bits_account(quantizer).paper_average_bits,
+                                                   **sparse_counts(quantizer.reports),
+                                                   "calibration_tokens": int(calib.numel())})
                         del quantizer
                         if method == "qesc" and not args.no_fp_router_rows:
                             # a diagnostic for the paired router comparison (shift, KL, ppl): no suite run
@@ -190,6 +200,13 @@ def run(args) -> None:
                                     **evaluate(fp_model, q_model, tokenizer, heldout, references, args, suite=False)})
                         del q_model
     write_markdown(results_path, args.out / "RESULTS.md")
+
+
+def sparse_counts(reports) -> dict:
+    """How many routed experts (over all MoE layers) fell under the sparse-expert threshold, and of how many."""
+    moe = [r for r in reports if r.expert_tokens is not None]
+    return {"sparse_experts": sum(len(r.sparse_experts) for r in moe),
+            "routed_experts": sum(len(r.expert_tokens) for r in moe)}
 
 
 def schedule_for(bits: str, fp_model, model_name: str, args) -> dict:
@@ -361,6 +378,48 @@ def variant_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def sparse_policy_table(rows: list[dict]) -> list[str]:
+    """Per sparse-expert policy (method labels "<label>@<policy>", the label alone = pool): how many routed experts it
+    treated (fell under its threshold; summed over MoE layers, mean over seeds), and its test ppl and KL paired by
+    seed with the same label under pool."""
+    ppl, kl = PAIRED[2][1], PAIRED[1][1]
+    by_key = {json.dumps(r["key"], sort_keys=True): r for r in rows}
+    policy_rows = [r for r in rows if "@" in r["key"]["method"]]
+    if not policy_rows:
+        return []
+    lines = ["Sparse-expert policies (`--sparse-expert-policy`; `@policy` against the same method under the default "
+             "pool, paired by seed; treated = experts under the policy's threshold, summed over MoE layers, mean over "
+             "seeds, of all routed experts):", "",
+             "| model | setting | bits | min tokens | method | policy | n | treated | test ppl | Δ test ppl | KL ×1e3 "
+             "| Δ KL ×1e3 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in policy_rows:
+        k = r["key"]
+        label, _, policy = k["method"].partition("@")
+        pool = by_key.get(json.dumps({**k, "method": label}, sort_keys=True))
+        if pool is not None:
+            cells.setdefault((k["model"], k["setting"], k["bits"], k.get("min_expert_tokens", "width"), label,
+                              policy), []).append((r, pool))
+    shown: set[tuple] = set()
+    for (model, setting, bits, min_tokens, label, policy), pairs in sorted(
+            cells.items(), key=lambda c: (tuple(map(str, c[0][:4])), _method_rank(f"{c[0][4]}@{c[0][5]}"))):
+        def treated(rs: list[dict]) -> str:
+            counts = [r["sparse_experts"] for r in rs if "sparse_experts" in r]
+            return f"{statistics.mean(counts):.1f} / {rs[0]['routed_experts']}" if counts else "–"
+        if (model, setting, bits, min_tokens, label) not in shown:  # the pool row every policy is paired with
+            shown.add((model, setting, bits, min_tokens, label))
+            pools = [b for _, b in pairs]
+            lines.append(f"| {model} | {setting} | {bits} | {min_tokens} | {label} | pool | {len(pools)} | "
+                         f"{treated(pools)} | {_mean_spread([ppl(b) for b in pools], 2)} | – | "
+                         f"{_mean_spread([kl(b) for b in pools], 2)} | – |")
+        lines.append(f"| {model} | {setting} | {bits} | {min_tokens} | {label} | {policy} | {len(pairs)} | "
+                     f"{treated([a for a, _ in pairs])} | {_mean_spread([ppl(a) for a, _ in pairs], 2)} | "
+                     f"{_mean_spread([ppl(a) - ppl(b) for a, b in pairs], 3)} | "
+                     f"{_mean_spread([kl(a) for a, _ in pairs], 2)} | "
+                     f"{_mean_spread([kl(a) - kl(b) for a, b in pairs], 2)} |")
+    return lines
+
+
 def load_rows(results_path: Path) -> list[dict]:
     """The rows of results.jsonl, one per key: when two processes sharing the file computed the same key (e.g. a
     model's FP row), the later row wins."""
@@ -417,7 +476,9 @@ def write_markdown(results_path: Path, md_path: Path) -> None:
     lines += ["", "![shift and KL per method](shift.png)", "",
               "![shift per layer](shift_per_layer.png)", ""]
     md_path.write_text("\n".join(lines) + "\n")
-    md_path.with_name("GAP.md").write_text("\n".join([*gap_table(rows, groups), "", *variant_table(rows), ""]) + "\n")
+    sparse = sparse_policy_table(rows)
+    md_path.with_name("GAP.md").write_text("\n".join([*gap_table(rows, groups), "", *variant_table(rows), "",
+                                                      *([*sparse, ""] if sparse else [])]) + "\n")
     plot_shift(groups, md_path.with_name("shift.png"))
     plot_shift_per_layer(groups, md_path.with_name("shift_per_layer.png"))
 
@@ -497,12 +558,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", nargs="+", default=["2", "2.5", "3"],
                     help="expert bit schedules: 2, 2.5, 3, a per-layer list, auto:B (per layer, from --sensitivity) "
                          "or auto:B+experts (per routed expert, --per-expert-bits)")
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qesc", "qesc-mse"], help="methods to compare")
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qesc", "qesc-mse"],
+                    help="method labels: <method>[+<expert Hessian>][+fp-target[:A]][@<sparse expert policy>], e.g. "
+                         "gptq, qesc+weighted, qesc+fp-target:0.25, gptq@rtn (without @: the default policy, pool)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     ap.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["experts", "attn4"],
                     help="experts: attention stays FP; attn4: attention 4-bit too")
     ap.add_argument("--group-size", type=int, default=128, help="GPTQ group size")
     ap.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    ap.add_argument("--min-expert-tokens", type=int, default=None,
+                    help="the sparse-expert threshold of every run (default: each expert's input width); recorded in "
+                         "the row keys. Method labels choose the policy: gptq@rtn, qesc@weighted-pool, ...")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length (the bundled models' context)")
     ap.add_argument("--eval-samples", type=int, default=64, help="held-out sequences per source")
     ap.add_argument("--eval-seqlen", type=int, default=256, help="held-out sequence length (the bundled models' context)")

@@ -166,6 +166,8 @@ BAD_INPUTS = {
     "expert-hessian-unknown": (("--expert-hessian", "uniform"), "invalid choice"),
     "gptq-target-unknown": (("--gptq-target", "fp:1.5"), "--gptq-target must be"),
     "gptq-target-without-fp-stream": (("--method", "gptq", "--gptq-target", "fp"), "needs the FP stream"),
+    "sparse-expert-policy-unknown": (("--sparse-expert-policy", "drop"), "invalid choice"),
+    "min-expert-tokens-zero": (("--min-expert-tokens", "0"), "--min-expert-tokens"),
     "bits-auto-out-of-range": (("--bits", "auto:5"), "2 <= B <= 4"),
     "bits-auto-not-a-number": (("--bits", "auto:x"), "auto:B"),
     "bits-auto-rtn-without-file": (("--bits", "auto:2.5", "--method", "rtn"), "needs --sensitivity"),
@@ -371,9 +373,15 @@ def test_ridge_ignores_adam_flags_with_a_warning_and_records_what_it_used(tiny_m
      {"--router-steps", "--router-solver", "--router-topk"}, {"router_calibration": None}),
     ("qesc-mse", ("--router-topk", "3"), {"--router-topk"}, {"router_calibration": {
         "loss": "mse", "topk": EXPERTS, "solver": "adam", "max_steps": 2, "lr": 1e-3}}),
-    ("rtn", ("--act-order", "--seed", "3", "--sparse-expert-policy", "rtn"),
-     {"--act-order", "--seed", "--sparse-expert-policy", "--nsamples", "--seqlen", "--router-steps"},
-     {"act_order": False, "calibration": None, "sparse_expert_policy": None, "router_calibration": None}),
+    ("rtn", ("--act-order", "--seed", "3", "--sparse-expert-policy", "rtn", "--min-expert-tokens", "5"),
+     {"--act-order", "--seed", "--sparse-expert-policy", "--min-expert-tokens", "--nsamples", "--seqlen",
+      "--router-steps"},
+     {"act_order": False, "calibration": None, "sparse_expert_policy": None, "min_expert_tokens": None,
+      "router_calibration": None}),
+    ("gptq", ("--sparse-expert-policy", "gptqmodel", "--min-expert-tokens", "5"), {"--min-expert-tokens", "--router-steps"},
+     {"sparse_expert_policy": "gptqmodel"}),  # GPTQModel's rule has its own threshold
+    ("gptq", ("--sparse-expert-policy", "weighted-pool", "--min-expert-tokens", "5"), {"--router-steps"},
+     {"sparse_expert_policy": "weighted-pool", "min_expert_tokens": 5}),
 ])
 def test_flags_the_method_ignores_are_warned_about_and_not_recorded(tiny_mixtral: Path, tmp_path: Path, capsys,
                                                                    caplog, method, args, warned, expected) -> None:

@@ -156,6 +156,34 @@ def test_qesc_report_keeps_one_row_per_key_in_table_order(tmp_path):
     assert "| m | fp | 16 | – | fp | 1 | 48.00 |" in (tmp_path / "RESULTS.md").read_text()  # the later FP row won
 
 
+def test_qesc_sparse_policy_labels_and_table(tmp_path):
+    """"<method>[+<Hessian>]@<policy>" selects --sparse-expert-policy; GAP.md pairs each policy with the same label
+    under pool by seed: treated experts (mean over seeds) and the paired differences, by hand below."""
+    experiments = _load_script("qesc_experiments")
+    assert experiments.method_config("qesc+weighted@weighted-pool") == {
+        "method": "qesc", "expert_hessian": "weighted", "sparse_expert_policy": "weighted-pool"}
+    assert experiments.method_config("gptq") == {"method": "gptq", "expert_hessian": "routed",
+                                                 "sparse_expert_policy": "pool"}
+
+    def row(method, seed, ppl, kl, sparse):
+        key = {"model": "m", "setting": "experts", "bits": "2", "method": method, "seed": seed, "min_expert_tokens": 300}
+        return {"key": key, "sparse_experts": sparse, "routed_experts": 64,
+                "bundled-test": {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": kl},
+                                 "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}}
+
+    rows = [row("gptq", 0, 50.0, 0.100, 10), row("gptq", 1, 51.0, 0.110, 12),
+            row("gptq@rtn", 0, 52.0, 0.130, 10), row("gptq@rtn", 1, 52.0, 0.120, 12),
+            row("gptq@gptqmodel", 0, 49.0, 0.090, 0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    gap = (tmp_path / "GAP.md").read_text()
+    assert "| m | experts | 2 | 300 | gptq | pool | 2 | 11.0 / 64 | 50.50 ± 0.71 | – | 105.00 ± 7.07 | – |" in gap
+    # rtn − pool per seed: ppl +2.0, +1.0; KL x1e3 +30, +10
+    assert "| m | experts | 2 | 300 | gptq | rtn | 2 | 11.0 / 64 | 52.00 ± 0.00 | 1.500 ± 0.707 | 125.00 ± 7.07 | 20.00 ± 14.14 |" in gap
+    assert "| m | experts | 2 | 300 | gptq | gptqmodel | 1 | 0.0 / 64 | 49.00 | -1.000 | 90.00 | -10.00 |" in gap
+    assert gap.index("| gptq | pool |") < gap.index("| gptq | rtn |") < gap.index("| gptq | gptqmodel |")
+
+
 def test_training_schedule_of_a_continuation_starts_at_its_own_step():
     """A continued run (--init-from at step 3520) warms up and decays over its own steps, ending at 10% of its peak;
     a run from scratch keeps the schedule it always had."""
@@ -279,9 +307,11 @@ def test_qesc_method_labels_and_their_paired_twins(tmp_path):
     """A label is <method>[+<expert Hessian>][+fp-target[:A]]; a variant is paired with the label without its last
     option (GAP.md), so `qesc+weighted+fp-target` is compared with `qesc+weighted`, not with plain QESC."""
     experiments = _load_script("qesc_experiments")
-    assert experiments.method_config("qesc") == {"method": "qesc", "expert_hessian": "routed"}
-    assert experiments.method_config("qesc+weighted+fp-target:0.5") == {
-        "method": "qesc", "expert_hessian": "weighted", "gptq_target": "fp:0.5"}
+    assert experiments.method_config("qesc") == {"method": "qesc", "expert_hessian": "routed",
+                                                 "sparse_expert_policy": "pool"}
+    assert experiments.method_config("qesc+weighted+fp-target:0.5@rtn") == {
+        "method": "qesc", "expert_hessian": "weighted", "gptq_target": "fp:0.5", "sparse_expert_policy": "rtn"}
+    assert experiments.label_base("qesc+weighted@rtn") == "qesc+weighted"
     with pytest.raises(SystemExit, match="unknown option"):
         experiments.method_config("qesc+gptaq")
 

@@ -264,6 +264,11 @@ class MoEAdapter(ABC):
         TopK-MSE target set of router calibration is the top-K of these)."""
         return logits
 
+    def expert_probabilities(self, block: nn.Module, logits: Tensor) -> Tensor:
+        """[T, E] the router's probability of each expert for each token, before any top-k: the softmax over all
+        experts (fp32) unless a family scores experts otherwise (sparse_experts.py's weighted pool uses it)."""
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
     @abstractmethod
     def route(self, block: nn.Module, hidden: Tensor, router_weight: Tensor | None = None) -> Routing:
         """Exactly the experts and combine weights the model's eval-mode forward picks for ``hidden``.

@@ -191,6 +191,10 @@ class DeepseekV3Adapter(_DeepseekAdapter):
         """[T, E] scores the experts are ranked by (before the group restriction)."""
         return logits.sigmoid() + block.gate.e_score_correction_bias
 
+    def expert_probabilities(self, block: nn.Module, logits: Tensor) -> Tensor:
+        """The unbiased sigmoid scores (what the chosen experts are weighted by), not a softmax."""
+        return logits.float().sigmoid()
+
     def route(self, block: nn.Module, hidden: Tensor, router_weight: Tensor | None = None) -> Routing:
         router = block.gate
         logits = self.router_logits(block, hidden, router_weight)
