@@ -264,3 +264,35 @@ def test_the_reduction_beats_gptaqs_column_wise_correction_on_its_own_objective(
                               objective(sequential_gptq(w, h, lam, 3, correction=c - h)),
                               objective(sequential_gptq(target, h, lam, 3)))
         assert ours < gptaq < plain, (seed, plain, gptaq, ours)
+
+
+@pytest.mark.parametrize("escalate", [False, True])
+def test_the_shared_column_loop_quantizes_the_asymmetric_target(escalate: bool) -> None:
+    # The pipeline hands AsymmetricGPTQ solvers to quant.gptq.quantize_together through loop_input: the codes must be
+    # those of AsymmetricGPTQ.quantize (the target W* with the damping the solver ends up using), bit for bit, also
+    # when the Hessian needs more damping than asked (a rank-deficient H at a tiny damping).
+    from eacmoe.quant.gptq import quantize_together
+
+    g = torch.Generator().manual_seed(3)
+    solvers, weights = [], []
+    for _ in range(3):
+        x_q = torch.randn(40 if escalate else 400, 32, generator=g)
+        x_fp = x_q + 0.3 * torch.randn(x_q.shape, generator=g)
+        if escalate:
+            x_q[:, 1] = x_q[:, 0]  # two equal columns: singular H
+            x_fp[:, 1] = x_fp[:, 0]
+        solver = AsymmetricGPTQ(32, alpha=0.5)
+        solver.add_batch(x_q, x_fp)
+        solvers.append(solver)
+        weights.append(torch.randn(6, 32, generator=g) * 0.05)
+    spec = QuantSpec(bits=2, group_size=8, damp_percent=1e-9 if escalate else 0.01)
+    inputs = [s.loop_input(w, spec) for s, w in zip(solvers, weights)]
+    together = quantize_together([solver for solver, _ in inputs], [target for _, target in inputs], spec)
+    assert all((r.damp_percent > spec.damp_percent) == escalate for r in together)
+    for s, w, result in zip(solvers, weights, together):
+        # independently: a fresh solver of the same H, the target fp_target computed at the damping used
+        used = QuantSpec(bits=2, group_size=8, damp_percent=result.damp_percent)
+        alone = GPTQ.from_hessian(s.H, s.nsamples).quantize(fp_target(w, s.H, s.C, result.damp_percent, 0.5), used)
+        assert torch.equal(result.qweight.codes, alone.qweight.codes)
+        assert torch.equal(result.qweight.scales, alone.qweight.scales)
+        assert torch.equal(AsymmetricGPTQ.quantize(s, w, spec).qweight.codes, alone.qweight.codes)

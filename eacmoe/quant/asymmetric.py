@@ -169,10 +169,9 @@ class AsymmetricGPTQ:
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, **kwargs) -> GPTQResult:
         """GPTQ of the target ``W*`` under ``spec`` (keyword arguments go to :meth:`GPTQ.quantize`). The loss is
-        GPTQ's against ``W*``: the asymmetric objective up to a constant."""
+        GPTQ's against ``W*``: the asymmetric objective up to a constant. The target takes the damping the solver
+        ends up using (:meth:`loop_input`), so a Hessian that needs more damping than asked is handled."""
         if self.nsamples == 0:
             raise ValueError("GPTQ: no calibration samples were added (nsamples == 0)")
-        result = self.gptq.quantize(self.target(weight, spec.damp_percent), spec, **kwargs)
-        if result.damp_percent != spec.damp_percent:  # the solver escalated: the target takes its damping
-            result = self.gptq.quantize(self.target(weight, result.damp_percent), spec, **kwargs)
-        return result
+        solver, target = self.loop_input(weight, spec)
+        return solver.quantize(target, spec, **kwargs)
