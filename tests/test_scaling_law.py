@@ -220,7 +220,7 @@ def test_json_doc_and_plot_from_saved_measurements(tmp_path):
     slice_records = list((REPO / "docs" / "memory").glob("*.json"))
     assert len(result["memory"]) == len(points) and len(result["slices"]) == len(slice_records)
     text = doc.read_text()
-    assert "    bash /tmp/coord/heavy.sh python scripts/scaling_law.py --threads 1\n" in text  # measured by
+    assert "    python scripts/scaling_law.py --threads 1\n" in text  # measured by
     assert f"    {sl.RERUN}\n" in text
     assert "--measurements " + str(saved) in text  # and written by
     for heading in ("## MEASURED", "## FITTED", "## PROJECTED (not measured)", "real-shape slice"):
