@@ -389,12 +389,11 @@ EXPERT_PROXY_DESCRIPTION = ("per module: RTN 2-bit error energy of its combine-w
 
 
 @torch.no_grad()
-def proxy_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
-                        group_size: int = 128, device: torch.device | str = "cpu") -> list[float]:
-    """Per decoder layer: sum_t |block_RTN2(x_t) - block(x_t)|^2 / sum_t |h_t|^2 on the FP stream (h: the residual
-    stream leaving the layer, x: the block input), the routed experts (and shared experts / dense MLP) round-to-
-    nearest at 2 bits, routing unchanged. Cheap: one FP pass, no GPTQ."""
-    from .pipeline import _first, _kwargs_for, capture_layer_inputs, capture_module_input  # no cycle at import
+def _proxy_setup(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, group_size: int,
+                 device: torch.device | str):
+    """What both RTN proxies start from: the adapter, the device, the FP stream entering layer 0 with the layer
+    kwargs, and 2-bit round-to-nearest of a weight (dequantized in its dtype)."""
+    from .pipeline import capture_layer_inputs  # no cycle at import
     from .quant import QuantSpec, rtn_quantize
 
     adapter = get_adapter(model)
@@ -404,6 +403,18 @@ def proxy_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_size: i
 
     def rtn(w: torch.Tensor) -> torch.Tensor:
         return rtn_quantize(w, spec).dequantize().to(w.dtype)
+
+    return adapter, device, stream, layer_kwargs, rtn
+
+
+def proxy_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
+                        group_size: int = 128, device: torch.device | str = "cpu") -> list[float]:
+    """Per decoder layer: sum_t |block_RTN2(x_t) - block(x_t)|^2 / sum_t |h_t|^2 on the FP stream (h: the residual
+    stream leaving the layer, x: the block input), the routed experts (and shared experts / dense MLP) round-to-
+    nearest at 2 bits, routing unchanged. Cheap: one FP pass, no GPTQ."""
+    from .pipeline import _first, _kwargs_for, capture_module_input  # no cycle at import
+
+    adapter, device, stream, layer_kwargs, rtn = _proxy_setup(model, calib_ids, batch_size, group_size, device)
 
     scores = []
     for layer in adapter.decoder_layers(model):
@@ -450,16 +461,9 @@ def proxy_expert_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_
     dense MLP's, each over ``sum_t |h_t|^2`` (h: the residual stream leaving the layer). One FP pass, no GPTQ."""
     import copy
 
-    from .pipeline import _first, _kwargs_for, capture_layer_inputs, capture_module_input  # no cycle at import
-    from .quant import QuantSpec, rtn_quantize
+    from .pipeline import _first, _kwargs_for, capture_module_input  # no cycle at import
 
-    adapter = get_adapter(model)
-    device = torch.device(device)
-    stream, layer_kwargs = capture_layer_inputs(model, adapter, calib_ids, batch_size, device)
-    spec = QuantSpec(bits=2, group_size=group_size)
-
-    def rtn(w: torch.Tensor) -> torch.Tensor:
-        return rtn_quantize(w, spec).dequantize().to(w.dtype)
+    adapter, device, stream, layer_kwargs, rtn = _proxy_setup(model, calib_ids, batch_size, group_size, device)
 
     def energy(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.double() - b.double()).square().sum())

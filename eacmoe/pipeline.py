@@ -268,6 +268,19 @@ def run_layer(layer: nn.Module, stream: torch.Tensor, layer_kwargs: dict, batch_
     return torch.cat(outputs)
 
 
+def run_until_stopped(layer: nn.Module, stream: torch.Tensor, layer_kwargs: dict, batch_size: int,
+                      device: torch.device) -> None:
+    """Run the layer on every batch of the stream for its hooks' sake; a hook may end a batch with _StopForward
+    once it has seen what it needs."""
+    with torch.no_grad():
+        for start in range(0, stream.shape[0], batch_size):
+            batch = stream[start:start + batch_size].to(device)
+            try:
+                layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
+            except _StopForward:
+                pass
+
+
 def capture_module_input(layer: nn.Module, module: nn.Module, stream: torch.Tensor, layer_kwargs: dict,
                          batch_size: int, device: torch.device) -> torch.Tensor:
     """What `module` (inside `layer`) receives for every token of the stream, as [tokens, features];
@@ -280,13 +293,7 @@ def capture_module_input(layer: nn.Module, module: nn.Module, stream: torch.Tens
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for start in range(0, stream.shape[0], batch_size):
-                batch = stream[start:start + batch_size].to(device)
-                try:
-                    layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
-                except _StopForward:
-                    pass
+        run_until_stopped(layer, stream, layer_kwargs, batch_size, device)
     finally:
         handle.remove()
     return torch.cat(inputs)
@@ -307,13 +314,7 @@ def capture_block_input(layer: nn.Module, adapter: MoEAdapter, stream: torch.Ten
 
     handle = adapter.post_attention_norm(layer).register_forward_hook(grab)
     try:
-        with torch.no_grad():
-            for start in range(0, stream.shape[0], batch_size):
-                batch = stream[start:start + batch_size].to(device)
-                try:
-                    layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
-                except _StopForward:
-                    pass
+        run_until_stopped(layer, stream, layer_kwargs, batch_size, device)
     finally:
         handle.remove()
     return torch.cat(residuals), torch.cat(inputs)
@@ -573,13 +574,7 @@ class LayerwiseQuantizer:
         prefix = f"layers.{index}"
 
         def run_stream():
-            for start in range(0, q_stream.shape[0], cfg.batch_size):
-                batch = q_stream[start:start + cfg.batch_size].to(device)
-                try:
-                    with torch.no_grad():
-                        layer(batch, **_kwargs_for(layer_kwargs, batch.shape[0], device))
-                except _StopForward:
-                    pass
+            run_until_stopped(layer, q_stream, layer_kwargs, cfg.batch_size, device)
 
         t0 = time.perf_counter()
         if cfg.attn_bits is not None:
