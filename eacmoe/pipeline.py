@@ -42,6 +42,7 @@ from .adapters import MoEAdapter, Routing, get_adapter
 from .expert_hessian import EXPERT_HESSIANS, get_expert_hessian, weighted_rows
 from .gptq_target import FPExpertInputs, check_gptq_target, fp_expert_inputs
 from .quant import GPTQ, QuantizedWeight, QuantSpec, rtn_quantize
+from .quant.grid import GRID_SEARCHES
 from .quant.gptq import GPTQ_LOOP_ROWS, column_loops, quantize_together
 from .quant.serialize import quantized_from_tensors, quantized_tensors
 from .router_calibration import RouterCalibrationConfig, calibrate_router
@@ -67,6 +68,7 @@ class QuantizeConfig:
     sym: bool = False
     act_order: bool = False
     damp_percent: float = 0.01
+    grid: str = "minmax"                 # how a group's range is chosen: minmax | mse (quant/grid.py)
     router_topk: int | None = None       # K of TopK-MSE; None = the adapter's default (8 of 16, 20 of 64)
     router_steps: int = 1000
     router_lr: float = 1e-3
@@ -96,6 +98,8 @@ class QuantizeConfig:
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(f"expert_hessian must be one of {', '.join(EXPERT_HESSIANS)} (got {self.expert_hessian!r})")
         check_gptq_target(self.gptq_target, self.method)
+        if self.grid not in GRID_SEARCHES:
+            raise ValueError(f"grid must be one of {', '.join(GRID_SEARCHES)} (got {self.grid!r})")
         if self.router_topk is not None and self.router_topk < 1:  # 0 must not fall back to the default
             raise ValueError(f"router_topk must be at least 1 (got {self.router_topk})")
         if self.routed_expert_bits is not None and len(self.routed_expert_bits) != len(self.expert_bits):
@@ -103,7 +107,7 @@ class QuantizeConfig:
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
-                         damp_percent=self.damp_percent)
+                         damp_percent=self.damp_percent, grid=self.grid)
 
     def fingerprint(self, calib_ids: torch.Tensor, model_fingerprint: str) -> dict:
         """What saved progress must match to be resumed: these settings, the calibration tokens and the model

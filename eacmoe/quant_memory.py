@@ -15,10 +15,10 @@ matrix (below):
     advance     R + W + 2 N H b            the quantized stream from its residual + the quantized block
     save        R + (1 + lambda_save) W    the progress file: safetensors serializes the layer's bytes first
 
-    ws(r, c) = max(4 c^2 + chunks, 25 c^2 + 4 r c, 8 c^2 + 12 r c)
-        factorisation: the solver's Hessian, its clone, the Cholesky factor, the inverse, its upper factor and the
-        column-major copy LAPACK makes for it (6 fp32 c x c), the finiteness mask of the factor (1 byte c^2), next to
-        the fp32 weight; then the column loop: Hessian + inverse factor, weight, codes, losses (fp32 r x c)
+    ws(r, c) = max(4 c^2 + chunks, 16 c^2, 8 c^2 + 12 r c)
+        factorisation: the solver's Hessian, its clone, the reversed damped copy and its Cholesky factor, then the
+        factor reversed into the feedback matrix (4 fp32 c x c at a time); then the column loop: Hessian + feedback
+        matrix, weight, codes, losses (fp32 r x c)
     down_proj of an expert adds the gate/up solver's Hessian (4 H^2) and the quantized gate and up (2 I H b).
     B = max(1, loop rows // min(2 I, H)) experts share the solver's column loops (quant.gptq.GPTQ_LOOP_ROWS = 1024):
     small experts only (tiny models, not Mixtral's or Qwen3's); B ws bounds their workspace from above.
@@ -77,7 +77,7 @@ def gptq_workspace(rows: int, columns: int, tokens: int) -> int:
     """Bytes GPTQ holds for one [rows, columns] matrix (module docstring): the largest of accumulating its Hessian
     (two fp32 input chunks of at most HESSIAN_CHUNK_BYTES beside it), factorising it, and the column loop."""
     accumulation = 4 * columns**2 + 2 * min(HESSIAN_CHUNK_BYTES, 4 * tokens * columns)  # freed before quantize
-    factorisation = 25 * columns**2 + 4 * rows * columns
+    factorisation = 16 * columns**2
     column_loop = 8 * columns**2 + 12 * rows * columns
     return max(accumulation, factorisation, column_loop)
 

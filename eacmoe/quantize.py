@@ -14,6 +14,7 @@ from .assets import BUNDLED_MODELS, DEFAULT_MODEL  # noqa: E402
 from .job_checks import DTYPES, ROUTER_SOLVERS  # noqa: E402
 from .expert_hessian import EXPERT_HESSIANS  # noqa: E402
 from .pipeline import METHODS  # noqa: E402
+from .quant.grid import GRID_SEARCHES  # noqa: E402
 from .sparse_experts import SPARSE_EXPERT_POLICIES, policy_help  # noqa: E402
 from .threads import add_threads_argument  # noqa: E402
 
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="columns per quantization group; -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with zero points)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--grid", choices=GRID_SEARCHES, default="minmax",
+                   help="how each group's range is chosen: minmax = its min and max (GPTQ, GPTQModel's default); "
+                        "mse = shrunk to minimise the group's rounding error, inside GPTQ weighted by each column's "
+                        "loss factor (eacmoe/quant/grid.py)"),
     p.add_argument("--calib", default="bundled",
                    help="calibration text: bundled, wikitext2, c4 (online only) or a .txt/.jsonl path")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     job = QuantizeJob(model=args.model, bits=args.bits, method=args.method,
                       attn_bits=None if args.attn_bits == 16 else args.attn_bits, group_size=args.group_size,
-                      sym=args.sym, act_order=args.act_order, calib=args.calib, nsamples=args.nsamples,
+                      sym=args.sym, act_order=args.act_order, grid=args.grid, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, router_topk=args.router_topk, router_steps=args.router_steps,
                       router_lr=args.router_lr, router_solver=args.router_solver,
                       sparse_expert_policy=args.sparse_expert_policy, min_expert_tokens=args.min_expert_tokens,

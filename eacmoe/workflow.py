@@ -71,6 +71,7 @@ class QuantizeJob:
     group_size: int = 128
     sym: bool = False
     act_order: bool = False
+    grid: str = "minmax"              # minmax | mse, see quant/grid.py
     calib: str = "bundled"
     nsamples: int = 128
     seqlen: int | None = None         # None: the model's context, at most 2048 (the paper's length)
@@ -181,6 +182,7 @@ def export_metadata(job: QuantizeJob, qconfig: QuantizeConfig, account: BitsAcco
         "min_expert_tokens": job.min_expert_tokens if uses_data else None,
         "expert_hessian": job.expert_hessian if uses_data else None,
         "gptq_target": job.gptq_target if uses_data else None,
+        "grid": job.grid,
     }
 
 
@@ -290,7 +292,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         log.info("%s: expert bits %s (average %.4f over the expert weights; sensitivities from %s)", job.bits,
                  allocation.schedule, allocation.achieved_average, allocation.source)
     qconfig = QuantizeConfig(expert_bits=expert_bits, method=job.method, attn_bits=job.attn_bits,
-                             group_size=job.group_size, sym=job.sym, act_order=job.act_order,
+                             group_size=job.group_size, sym=job.sym, act_order=job.act_order, grid=job.grid,
                              router_topk=job.router_topk, router_steps=job.router_steps, router_lr=job.router_lr,
                              router_solver=job.router_solver,
                              sparse_expert_policy=job.sparse_expert_policy, min_expert_tokens=job.min_expert_tokens,

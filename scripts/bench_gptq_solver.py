@@ -1,11 +1,15 @@
-"""The GPTQ solver against an earlier version of itself: identical output, CPU time per matrix.
+"""The GPTQ solver against an earlier version of itself: the same output, CPU time per matrix.
 
     python scripts/bench_gptq_solver.py --baseline 686b395 --threads 1
     python scripts/bench_gptq_solver.py --baseline 24306fb --experts 8 --threads 1
+    python scripts/bench_gptq_solver.py --baseline c891634 --shapes real --repeats 1 --threads 1
 
 The baseline's ``eacmoe/quant/gptq.py`` is read from git (``git show <commit>:eacmoe/quant/gptq.py``) and imported
 beside the current one. For each shape both solvers get the same Hessian (of correlated random inputs) and weight;
-codes, scales, zeros, g_idx and loss must be identical (both grid timings), else the script stops with an error.
+codes, scales, zeros, g_idx and loss must be identical (both grid timings) or, for a baseline with other fp32
+arithmetic (before the inverse-free factorisation), agree like two GPTQ implementations do: the loss within 1%
+(a flipped code changes the rest of its row, so on 14336 columns only ~93% of the codes stay equal at 0.02% of
+loss); else the script stops with an error. The share of equal codes is printed per shape.
 Times are CPU seconds (``time.process_time``), best of --repeats, for one matrix on a fresh solver (factorisation
 included) and for a pair of matrices on one solver (an expert's gate and up projections share their input).
 With ``--experts E`` (E > 1) a third pair of columns: E experts' gate and up projections (E solvers, 2E matrices)
@@ -28,6 +32,10 @@ sys.path.insert(0, str(REPO))
 SHAPES = [(256, 256, 64, 2, False, False), (128, 256, 64, 2, False, False), (256, 256, 128, 4, False, False),
           (64, 256, 64, 2, False, False), (512, 256, 64, 2, True, True), (256, 512, 32, 3, False, True),
           (1024, 1024, 128, 4, False, False), (2048, 512, 64, 3, True, False)]
+# One expert's matrices of the users' models: Mixtral-8x7B's gate (= up) and down, Qwen3-30B-A3B's gate and down
+REAL_SHAPES = [(14336, 4096, 64, 2, False, False), (4096, 14336, 64, 2, False, False),
+               (768, 2048, 64, 2, False, False), (2048, 768, 64, 2, False, False)]
+LOSS_RTOL = 0.01
 
 
 def load_baseline(commit: str):
@@ -44,15 +52,15 @@ def load_baseline(commit: str):
     return module.GPTQ
 
 
-def _hessian(cols: int, g):
-    """The Hessian of 4 x cols correlated random inputs."""
+def _hessian(cols: int, g, samples: int):
+    """The Hessian of `samples` correlated random inputs."""
     import torch
 
     from eacmoe.quant import GPTQ
 
     mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g)
     solver = GPTQ(cols)
-    solver.add_batch(torch.randn(4 * cols, cols, generator=g) @ mix)
+    solver.add_batch(torch.randn(samples, cols, generator=g) @ mix)
     return solver.H.clone()
 
 
@@ -62,6 +70,22 @@ def _same(a, b) -> bool:
 
     return all(torch.equal(getattr(a.qweight, k), getattr(b.qweight, k))
                for k in ("codes", "scales", "zeros", "g_idx")) and a.loss == b.loss
+
+
+def _agreement(a, b) -> tuple[float, float]:
+    """(share of equal codes, relative loss difference) of two GPTQ results."""
+    equal = float((a.qweight.codes == b.qweight.codes).float().mean())
+    return equal, abs(a.loss - b.loss) / max(abs(a.loss), 1e-30)
+
+
+def _check(a, b, where: str) -> str:
+    """'identical', or the agreement of two results that are equivalent; stops the script otherwise."""
+    if _same(a, b):
+        return "identical"
+    equal, rel = _agreement(a, b)
+    if rel > LOSS_RTOL:
+        raise SystemExit(f"error: results differ at {where}: {equal:.2%} of codes equal, loss {rel:.2%} apart")
+    return f"{equal:.2%} codes, loss {rel:.3%}"
 
 
 def best(fn, repeats: int) -> float:
@@ -80,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="686b395", help="git commit of the solver to compare against")
     add_threads_argument(p)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (the best is kept)")
+    p.add_argument("--shapes", choices=("bundled", "real"), default="bundled",
+                   help="bundled: the tiny models' shapes and a few larger; real: one expert's gate and down of "
+                        "Mixtral-8x7B and Qwen3-30B-A3B (default: bundled)")
     p.add_argument("--experts", type=int, default=1,
                    help="E > 1 adds the columns for E experts' gate+up quantized together (default: 1, no columns)")
     args = p.parse_args(argv)
@@ -96,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     experts = args.experts
     layer_head = f" {experts} experts' gate+up: one by one (before) | together | x |" if experts > 1 else ""
     print("| rows x cols | group | bits | act-order | sym | one matrix: before | after | x | gate+up pair: before "
-          "| after | x |" + layer_head)
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if experts > 1 else ""))
-    for rows, cols, gs, bits, act, sym in SHAPES:
-        H, n = _hessian(cols, g), 4 * cols
+          "| after | x | same output |" + layer_head)
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if experts > 1 else ""))
+    for rows, cols, gs, bits, act, sym in SHAPES if args.shapes == "bundled" else REAL_SHAPES:
+        # real shapes: 4096 tokens, about what a Mixtral expert gets of 16 x 512 (fewer than 14336 columns: damped)
+        n = 4 * cols if args.shapes == "bundled" else 4096
+        H = _hessian(cols, g, n)
         w, w2 = (torch.randn(rows, cols, generator=g) * 0.05 for _ in range(2))
         spec = QuantSpec(bits=bits, group_size=gs, act_order=act, sym=sym)
-        for exact in (False, True):
+        agreement = []
+        for exact in (False, True) if args.shapes == "bundled" else (False,):
             a = Old.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
             b = GPTQ.from_hessian(H, n).quantize(w, spec, exact_group_grids=exact)
-            if not _same(a, b):
-                raise SystemExit(f"error: results differ at {rows}x{cols} group {gs} bits {bits} act {act} "
-                                 f"exact_group_grids {exact}")
+            agreement.append(_check(a, b, f"{rows}x{cols} group {gs} bits {bits} act {act} exact_group_grids "
+                                          f"{exact}"))
 
         def pair(cls):
             solver = cls.from_hessian(H, n)
@@ -119,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         old2, new2 = best(lambda: pair(Old), args.repeats), best(lambda: pair(GPTQ), args.repeats)
         layer_cells = ""
         if experts > 1:
-            hessians = [H] + [_hessian(cols, g) for _ in range(experts - 1)]
+            hessians = [H] + [_hessian(cols, g, n) for _ in range(experts - 1)]
             pairs = [(w, w2)] + [tuple(torch.randn(rows, cols, generator=g) * 0.05 for _ in range(2))
                                  for _ in range(experts - 1)]
             olds = [Old.from_hessian(h, n) for h in hessians]
@@ -128,15 +157,17 @@ def main(argv: list[str] | None = None) -> int:
                 solver.quantize(w[:1], spec)
             together = quantize_together([s for s in news for _ in range(2)], [m for pr in pairs for m in pr], spec)
             one_by_one = [o.quantize(m, spec) for o, pr in zip(olds, pairs) for m in pr]
-            if not all(_same(a, b) for a, b in zip(one_by_one, together)):
-                raise SystemExit(f"error: quantize_together differs at {rows}x{cols} group {gs} bits {bits}")
+            for a, b in zip(one_by_one, together):
+                _check(a, b, f"{rows}x{cols} group {gs} bits {bits} (quantize_together)")
             old_e = best(lambda: [o.quantize(m, spec) for o, pr in zip(olds, pairs) for m in pr], args.repeats)
             new_e = best(lambda: quantize_together([s for s in news for _ in range(2)],
                                                    [m for pr in pairs for m in pr], spec), args.repeats)
             layer_cells = f" {old_e * 1e3:.1f} | {new_e * 1e3:.1f} | {old_e / new_e:.2f} |"
         print(f"| {rows} x {cols} | {gs} | {bits} | {act} | {sym} | {old1 * 1e3:.1f} | {new1 * 1e3:.1f} | "
-              f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} |" + layer_cells)
-    print("\nresults identical (codes, scales, zeros, g_idx, loss; both grid timings) for every shape")
+              f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} | "
+              f"{'; '.join(agreement)} |" + layer_cells)
+    print("\nsame output: codes, scales, zeros, g_idx and loss identical, else the share of equal codes and the "
+          "loss difference (both grid timings on the bundled shapes)")
     return 0
 
 

@@ -327,7 +327,8 @@ def settings_table(rows: list[dict]) -> str:
 
 
 def merge_results(results: list[dict]) -> dict:
-    """Several runs' results as one: rows concatenated, sources and versions united, every command kept (the
+    """Several runs' results as one: rows concatenated (their ratios recomputed against the merged rows, so a
+    peer run on its own gets its ratio to eacmoe's run), sources and versions united, every command kept (the
     settings that make rows comparable, calibration and held-out windows, must agree)."""
     first = results[0]["meta"]
     for other in results[1:]:
@@ -338,7 +339,7 @@ def merge_results(results: list[dict]) -> dict:
             "machine": "; ".join(dict.fromkeys(r["meta"]["machine"] for r in results)),
             "versions": {k: v for r in results for k, v in r["meta"]["versions"].items()}}
     sources = list(dict.fromkeys(s for r in results for s in r["sources"]))
-    return {"meta": meta, "sources": sources, "rows": [row for r in results for row in r["rows"]]}
+    return {"meta": meta, "sources": sources, "rows": add_ratios([row for r in results for row in r["rows"]])}
 
 
 def write_markdown(path: Path, result: dict) -> None:

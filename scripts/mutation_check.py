@@ -42,6 +42,7 @@ SHIFT_TESTS = ("tests/test_expert_shift.py",)
 PACKING_TESTS = ("tests/test_packing.py", "tests/test_export.py::test_generate_after_load")
 GPTQ_TESTS = ("tests/test_gptq.py",)
 GRID_TESTS = ("tests/test_grid.py", "tests/test_gptq.py")
+MSE_GRID_TESTS = ("tests/test_mse_grid.py",)
 PESF_TESTS = ("tests/test_pesf.py", "tests/test_pesf_padding.py")
 RUNTIME_TESTS = ("tests/test_export.py", "tests/test_packing.py", "tests/test_pesf_padding.py::test_packed_alone_equals_padded_in_batch")
 
@@ -287,17 +288,22 @@ MUTANTS: list[Mutant] = [
            "Hessian without the factor 2", GPTQ_TESTS),
     Mutant("G3", G, "            damp_t = frac * diag_mean\n", "            damp_t = frac + 0 * diag_mean\n",
            "absolute instead of relative damping", GPTQ_TESTS),
-    Mutant("G4", G, "W1T[:, i + 1 :].sub_(U1[:, i, i + 1 :].unsqueeze(2) * err.unsqueeze(1))",
-           "W1T[:, i + 1 :].add_(U1[:, i, i + 1 :].unsqueeze(2) * err.unsqueeze(1))", "OBS update with the wrong sign",
+    Mutant("G4", G, "W1T[:, i + 1 :].add_(Z1[:, i, i + 1 :].unsqueeze(2) * resid.unsqueeze(1))",
+           "W1T[:, i + 1 :].sub_(Z1[:, i, i + 1 :].unsqueeze(2) * resid.unsqueeze(1))", "OBS update with the wrong sign",
            GPTQ_TESTS),
-    Mutant("G5", G, "            W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]\n", "            pass\n",
-           "lazy batch update of later blocks dropped", GPTQ_TESTS),
+    Mutant("G5", G, "            out = out + W[:, :, :i1] @ Z[:, :i1, c0:c1]\n", "            pass\n",
+           "lazy feedback of earlier blocks dropped", GPTQ_TESTS),
     Mutant("G6", G, "solver_codes[:, perm] = codes[b]", "solver_codes = codes[b].clone()",
            "act-order codes not permuted back", GPTQ_TESTS),
     Mutant("G7", G, "            W[b][:, dead] = 0.0\n", "            pass\n",
            "dead columns not zeroed", GPTQ_TESTS),
-    Mutant("G8", G, "losses[:, :, i1:i2] = Err1.square() / 2", "losses[:, :, i1:i2] = Err1.square()",
-           "reported loss twice the documented value", GPTQ_TESTS),
+    Mutant("G8", G, "losses[:, :, i1:i2] = err.square_().div_(2).transpose(1, 2)",
+           "losses[:, :, i1:i2] = err.square_().transpose(1, 2)", "reported loss twice the documented value", GPTQ_TESTS),
+    Mutant("G11", G, "                part = original + torch.linalg.solve_triangular(\n",
+           "                part = partial + 0 * torch.linalg.solve_triangular(\n",
+           "group grids fitted on the loop's partial sums instead of GPTQ's updated weights", GPTQ_TESTS),
+    Mutant("G12", G, "float(pivots.min()) >= floor", "float(pivots.min()) >= 0",
+           "pivots lost in fp32 rounding accepted (no damping escalation)", GPTQ_TESTS),
     Mutant("G9", G, "perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)",
            "perm = torch.argsort(torch.diagonal(H), descending=False, stable=True)",
            "act-order processes the least important columns first", GPTQ_TESTS),
@@ -313,6 +319,12 @@ MUTANTS: list[Mutant] = [
            GRID_TESTS),
     Mutant("Q4", Q, "zero = torch.round(-xmin / scale).clamp_(0, maxq)", "zero = torch.floor(-xmin / scale).clamp_(0, maxq)",
            "zero point truncated instead of rounded", GRID_TESTS),
+    Mutant("Q5", Q, "            err.mul_(column_weight)\n", "            pass\n",
+           "--grid mse ignores the columns' loss factors", MSE_GRID_TESTS),
+    Mutant("Q6", Q, "        better = err < best_err\n", "        better = err > best_err\n",
+           "--grid mse keeps the worst range", MSE_GRID_TESTS),
+    Mutant("Q7", G, "scale, zero = spec.fit(part, r[:, j:g_end].unsqueeze(1).square())",
+           "scale, zero = spec.fit(part)", "GPTQ's grid search without the loss factors", MSE_GRID_TESTS),
     # ------------------------------------------------------------------ PESF (prefill expert skipping)
     Mutant("S1", S, "return counts >= alpha * seq_len * top_k / counts.shape[-1]",
            "return counts > alpha * seq_len * top_k / counts.shape[-1]",

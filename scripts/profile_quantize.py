@@ -84,7 +84,7 @@ def stages(stats: pstats.Stats) -> list[tuple[str, float]]:
     matrix_experts = cumulative_from(stats, P, "_quantize_matrices", P, "_quantize_routed_experts")
     matrix_attention = cumulative_from(stats, P, "_quantize_matrices", P, "_quantize_linear_groups")
     solve = c(G, "quantize_together")
-    factor = c(G, "_inverse_factor")
+    factor = c(G, "_feedback_factor")
     collect = c(P, "collect_hessians")
     experts = c(P, "_quantize_routed_experts")
     router = c("eacmoe/router_calibration.py", "calibrate_router")
@@ -97,7 +97,7 @@ def stages(stats: pstats.Stats) -> list[tuple[str, float]]:
         ("attention: calibration forwards to each Linear group", collect - hessian_hook),
         ("Hessians X^T X (GPTQ.add_batch), attention", hessian_hook),
         ("Hessians X^T X (GPTQ.add_batch), experts", hessian_experts),
-        ("damped Cholesky + inverse factor (GPTQ._inverse_factor)", factor),
+        ("damped Cholesky (GPTQ._feedback_factor)", factor),
         ("GPTQ column loop + grids (quantize_together less the factorisation)", solve - factor),
         ("dequantize + bookkeeping of each matrix (_quantize_matrices less GPTQ)",
          matrix_experts + matrix_attention - solve),

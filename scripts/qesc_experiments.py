@@ -43,10 +43,12 @@ from eacmoe.workflow import bits_account, load_model  # noqa: E402
 log = logging.getLogger("qesc_experiments")
 SETTINGS = {"experts": None, "attn4": 4}   # attention bits per setting (None = FP attention)
 # the order of rows in the tables and of bars and lines in the plots
-METHOD_ORDER = ["fp", "rtn", "gptq", "gptq+weighted", "qesc-experts+fp-router", "qesc", "qesc+weighted",
-                "qesc+fp-target", "qesc+fp-target:0.5", "qesc+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
-# a method label is "<method>[+<expert Hessian>][+fp-target[:A]][@<sparse expert policy>]": "qesc+weighted" =
-# --method qesc --expert-hessian weighted; "qesc+fp-target:0.25" = --gptq-target fp:0.25; "gptq@rtn" = --method
+METHOD_ORDER = ["fp", "rtn", "rtn+mse-grid", "gptq", "gptq+mse-grid", "gptq+weighted", "qesc-experts+fp-router", "qesc",
+                "qesc+mse-grid", "qesc+weighted", "qesc+fp-target", "qesc+fp-target:0.5", "qesc+fp-target:0.25",
+                "qesc+mse-grid+fp-target:0.25", "qesc+weighted+fp-target", "qesc-mse"]
+# a method label is "<method>[+<expert Hessian>][+mse-grid][+fp-target[:A]][@<sparse expert policy>]": "qesc+weighted"
+# = --method qesc --expert-hessian weighted; "+mse-grid" = --grid mse; "qesc+fp-target:0.25" = --gptq-target fp:0.25;
+# "gptq@rtn" = --method
 # gptq --sparse-expert-policy rtn (without @: the default, pool)
 
 
@@ -62,9 +64,11 @@ def method_config(label: str) -> dict:
             config["expert_hessian"] = option
         elif option == "fp-target" or option.startswith("fp-target:"):
             config["gptq_target"] = "fp" + option.removeprefix("fp-target")
+        elif option == "mse-grid":
+            config["grid"] = "mse"
         else:
             raise SystemExit(f"method label {label!r}: unknown option {option!r} (an expert Hessian "
-                             f"{', '.join(EXPERT_HESSIANS)}, or fp-target[:A])")
+                             f"{', '.join(EXPERT_HESSIANS)}, mse-grid, or fp-target[:A])")
     return config
 
 
@@ -170,7 +174,7 @@ def run(args) -> None:
         for setting in args.settings:
             for bits in args.bits:
                 for method in args.methods:
-                    for seed in ([0] if method == "rtn" else args.seeds):
+                    for seed in ([0] if method_config(method)["method"] == "rtn" else args.seeds):
                         key = {"model": model_name, "setting": setting, "bits": bits, "method": method, "seed": seed}
                         if args.min_expert_tokens is not None:  # only then: keys of older rows stay as they were
                             key["min_expert_tokens"] = args.min_expert_tokens

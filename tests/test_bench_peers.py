@@ -152,12 +152,25 @@ def test_merged_runs_keep_every_row_and_command_and_refuse_other_settings(bp):
     b = {"meta": {**meta, "command": "python scripts/bench_peers.py --models b", "versions": {"llmcompressor": "0.14"}},
          "sources": ["bundled-test", "wikitext2"], "rows": canned_rows()[3:]}
     merged = bp.merge_results([a, b])
-    assert merged["rows"] == canned_rows()[:2] + canned_rows()[3:]
+    assert [{k: v for k, v in r.items() if not k.endswith("_ratio")} for r in merged["rows"]] == \
+        canned_rows()[:2] + canned_rows()[3:]
     assert merged["sources"] == ["bundled-test", "wikitext2"]
     assert "--models a" in merged["meta"]["command"] and "--models b" in merged["meta"]["command"]
     assert merged["meta"]["versions"] == {"torch": "2.13.0", "llmcompressor": "0.14"}
     with pytest.raises(SystemExit, match="nsamples"):
         bp.merge_results([a, {**b, "meta": {**b["meta"], "nsamples": 16}}])
+
+
+def test_a_peer_run_on_its_own_gets_its_ratio_to_eacmoe_when_merged(bp):
+    # real-shape slices run one method per invocation (side by side); the merged table must still say how a peer
+    # compares: its ratios are recomputed against the eacmoe-gptq row of the same model and scheme
+    meta = {"command": "c", "machine": "2 cores", "calib": "bundled", "nsamples": 16, "seqlen": 512, "seed": 0,
+            "eval_samples": 2, "eval_seqlen": 256, "damp": 0.01, "threads": 1, "versions": {}}
+    eacmoe_run = {"meta": meta, "sources": [], "rows": bp.add_ratios(canned_rows()[:1])}
+    peer_run = {"meta": meta, "sources": [], "rows": bp.add_ratios(canned_rows()[1:2])}
+    assert peer_run["rows"][0]["cpu_ratio"] is None  # alone, it has nothing to be a ratio of
+    peer = bp.merge_results([eacmoe_run, peer_run])["rows"][1]
+    assert peer["cpu_ratio"] == pytest.approx(7.5) and peer["peak_ratio"] == pytest.approx(1.5)
 
 
 def test_a_real_shape_slice_is_cost_only(bp, tmp_path):

@@ -167,6 +167,7 @@ BAD_INPUTS = {
     "gptq-target-unknown": (("--gptq-target", "fp:1.5"), "--gptq-target must be"),
     "gptq-target-without-fp-stream": (("--method", "gptq", "--gptq-target", "fp"), "needs the FP stream"),
     "sparse-expert-policy-unknown": (("--sparse-expert-policy", "drop"), "invalid choice"),
+    "grid-unknown": (("--grid", "percentile"), "invalid choice"),
     "min-expert-tokens-zero": (("--min-expert-tokens", "0"), "--min-expert-tokens"),
     "bits-auto-out-of-range": (("--bits", "auto:5"), "2 <= B <= 4"),
     "bits-auto-not-a-number": (("--bits", "auto:x"), "auto:B"),
@@ -406,6 +407,24 @@ def test_gptq_target_fp_is_recorded_and_changes_only_the_routed_experts(tiny_mix
     differ = {k for k in runs["fp"] if k.startswith("model.layers.0.")
               and not torch.equal(runs["fp"][k], runs["quantized"][k])}
     assert differ and all(".mlp.experts." in k for k in differ), sorted(differ)[:5]
+
+
+def test_grid_mse_is_recorded_and_changes_scales_only_where_the_search_shrinks(tiny_mixtral: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    runs = {}
+    for grid in ("minmax", "mse"):
+        out = tmp_path / grid
+        code, _, err = quantize(capsys, "--model", tiny_mixtral, *FAST, "--grid", grid, "--out", out)
+        assert code == 0, err[-3000:]
+        assert json.loads((out / "config.json").read_text())["quantization"]["grid"] == grid
+        runs[grid] = weights(out)
+    # a matrix's first group is fitted on its FP weights in both runs (no GPTQ feedback yet): the search starts at
+    # min/max and only shrinks, so those scales (row 0 of the packed [groups, out]) can only get smaller
+    scales = [k for k in runs["mse"] if k.startswith("model.layers.0.") and k.endswith(".scales")]
+    assert scales
+    first = {grid: {k: runs[grid][k][0].float() for k in scales} for grid in runs}
+    assert all(bool((first["mse"][k] <= first["minmax"][k]).all()) for k in scales)
+    assert sum(int((first["mse"][k] < first["minmax"][k]).sum()) for k in scales) > 0
 
 
 def test_router_topk_zero_never_means_the_default() -> None:

@@ -173,6 +173,29 @@ def test_singular_hessian_is_handled_by_default_damping():
     _assert_on_grid(res.qweight)
 
 
+def test_damping_escalates_when_the_requested_damping_is_lost_in_fp32_rounding(caplog):
+    # Two equal input columns make H singular; 1e-9 of the mean diagonal is below fp32's resolution of the diagonal,
+    # so H + damp I rounds back to the singular H and a factorisation can "succeed" on rounding noise. The solver
+    # must refuse such pivots (a pivot of H + damp I is a Schur complement, at least damp) and raise the damping
+    # until it is real: the damping it reports must make the fp32 H + damp I positive definite (checked in fp64,
+    # as the GPTAQ target needs it), and the result is then GPTQ's at that damping.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 32, generator=g)
+    x[:, 1] = x[:, 0]
+    solver = _solver(x)
+    w = torch.randn(6, 32, generator=g) * 0.05
+    with caplog.at_level(logging.WARNING, logger="eacmoe.quant.gptq"):
+        res = solver.quantize(w, QuantSpec(bits=2, group_size=8, damp_percent=1e-9))
+    assert res.damp_percent > 1e-9 and any("damp_percent" in r.getMessage() for r in caplog.records)
+    damped = solver.H.clone()
+    damped.diagonal().add_(res.damp)
+    assert int(torch.linalg.cholesky_ex(damped.double()).info) == 0
+    direct = solver.quantize(w, QuantSpec(bits=2, group_size=8, damp_percent=res.damp_percent))
+    assert torch.equal(direct.qweight.codes, res.qweight.codes)
+    rtn = rtn_quantize(w, QuantSpec(bits=2, group_size=8))
+    assert proxy_loss(w, res.dequantize(), solver.H) < proxy_loss(w, rtn.dequantize(), solver.H)
+
+
 def test_damping_escalates_on_indefinite_hessian(caplog):
     # [[1, 3], [3, 1]] has eigenvalue -2: needs damp > 2 x mean(diag); x10 steps 0.01 -> 0.1 -> 1 -> 10.
     h = torch.eye(8)
@@ -332,8 +355,8 @@ def test_factorisation_is_shared_by_matrices_of_one_input_and_dropped_when_the_h
     gate, up = _weight(12, 48, seed=2), _weight(20, 48, seed=3)
     spec = QuantSpec(bits=2, group_size=16, block_size=32)
     calls = []
-    original = GPTQ._inverse_factor
-    monkeypatch.setattr(GPTQ, "_inverse_factor", lambda self, H, d: calls.append(d) or original(self, H, d))
+    original = GPTQ._feedback_factor
+    monkeypatch.setattr(GPTQ, "_feedback_factor", lambda self, H, d: calls.append(d) or original(self, H, d))
     shared = _solver(x)
     assert _equal_results(shared.quantize(gate, spec), _solver(x).quantize(gate, spec))
     assert _equal_results(shared.quantize(up, spec), _solver(x).quantize(up, spec))

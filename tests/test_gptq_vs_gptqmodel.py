@@ -34,14 +34,17 @@ def gm():
 ROWS, COLS, NSAMPLES = 32, 256, 1024
 
 # Tolerances (justification).
-# Same Hessian: GPTQModel's H is handed to our solver (GPTQ.from_hessian). Both then run the same fp32
-# algorithm (Cholesky of the damped H, lazy blocks, min/max grid fitted at each group start on the weights as
-# of the block start), so the result should be the same bit for bit; measured: identical codes and loss in all
-# 64 configurations x 5 seeds. The tolerances leave only room for another BLAS ordering a reduction
-# differently, and still fail on any algorithmic difference: fitting mid-block group grids on the fully
-# updated weights (our ``exact_group_grids=True``) changes ~25% of the codes and the loss by 1-5%.
-SAME_H_LOSS_RTOL = 1e-5
-SAME_H_MIN_CODE_AGREEMENT = 0.999
+# Same Hessian: GPTQModel's H is handed to our solver (GPTQ.from_hessian). Both then run the same GPTQ (damped H,
+# lazy blocks, min/max grid fitted at each group start on the weights as of the block start), GPTQModel with the
+# explicit inverse factor U of H^-1, ours with the Cholesky factor of H itself (one factorisation instead of
+# three, see GPTQ._feedback_factor): the same updates in other fp32 roundings. Measured over 5 seeds x 64
+# configurations: identical codes in 305, else 99.2-99.99% of the codes equal, loss at most 0.29% apart, mean
+# signed difference -0.002% (no bias); the same chaos as the same-inputs case below, where one flipped code
+# changes the rest of its row. (The previous explicit-inverse solver matched bit for bit.) The bounds still fail
+# on any algorithmic difference: fitting mid-block group grids on the fully updated weights (our
+# ``exact_group_grids=True``) changes ~25% of the codes and the loss by 1-5%.
+SAME_H_LOSS_RTOL = 1e-2
+SAME_H_MIN_CODE_AGREEMENT = 0.98
 # Same inputs: each side sums its own H (GPTQModel X^T X * 2/n, ours a running mean), ~1e-7 relative apart.
 # GPTQ's error feedback is chaotic: one flipped code changes every later column's update. Symmetric grids are
 # the most exposed because a group's most negative value sits exactly on a rounding tie (-maxq/2), and 8-bit

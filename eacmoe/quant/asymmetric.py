@@ -163,7 +163,7 @@ class AsymmetricGPTQ:
         """(the inner GPTQ solver, the target ``W*``) for a shared column loop (`quant.gptq.quantize_together`):
         the factorisation is made first, so the target takes the damping the solver ends up using (escalated if
         needed), as :meth:`quantize` does with its second pass."""
-        damp_percent = self.gptq._factorisation(bool(spec.act_order), float(spec.damp_percent))[4]
+        damp_percent = self.gptq._factorisation(bool(spec.act_order), float(spec.damp_percent)).damp_percent
         return self.gptq, self.target(weight, damp_percent)
 
     @torch.no_grad()

@@ -21,6 +21,8 @@ __all__ = [
     "QuantSpec",
     "QuantizedWeight",
     "fit_grid",
+    "fit_mse_grid",
+    "GRID_SEARCHES",
     "quantize_to_codes",
     "round_up_to_fp16",
     "dequantize_codes",
@@ -46,6 +48,8 @@ class QuantSpec:
         scale_dtype: precision the scales are rounded to *before* the codes are chosen. "float16" (default) is
             what GPTQ checkpoints store, so the packed model computes exactly the weights the solver saw;
             "float32" keeps full-precision scales (GPTQModel's in-memory solver, used to compare with it).
+        grid: how a group's range is chosen: "minmax" (its min and max, GPTQ's default) or "mse" (the range
+            shrunk to minimise the group's squared rounding error, :func:`fit_mse_grid`).
     """
 
     bits: int
@@ -55,6 +59,7 @@ class QuantSpec:
     damp_percent: float = 0.01
     block_size: int = 128
     scale_dtype: str = "float16"
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -69,6 +74,15 @@ class QuantSpec:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.grid not in GRID_SEARCHES:
+            raise ValueError(f"grid must be one of {tuple(GRID_SEARCHES)}, got {self.grid!r}")
+
+    def fit(self, w: torch.Tensor, column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This spec's grid of each group ``w[..., :]`` (see :data:`GRID_SEARCHES`); ``column_weight``
+        (broadcast to ``w``) weighs each column's rounding error in the "mse" search."""
+        if self.grid == "minmax":
+            return fit_grid(w, self.bits, self.sym, self.scale_dtype)
+        return fit_mse_grid(w, self.bits, self.sym, self.scale_dtype, column_weight)
 
     @property
     def maxq(self) -> int:
@@ -131,6 +145,51 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool = False,
     else:
         zero = torch.round(-xmin / scale).clamp_(0, maxq)
     return scale, zero
+
+
+# Shrink factors of the "mse" search: the range [min, max] scaled by 1, 0.975, ..., 0.5 (about GPTQModel's
+# ``mse`` search, which goes further down on a finer grid; at 2 bits the optimum is near 0.7-0.85).
+MSE_GRID_SHRINKS = tuple(1.0 - k / 40 for k in range(21))
+# The error's exponent (GPTQModel's ``mse`` value): above 2, large rounding errors count more than in a plain MSE.
+# Measured (2-bit GPTQ experts, 64 x 256 calibration, 1 seed, 1 thread; test ppl / KL vs min/max 52.68 / 0.112 on
+# tiny-mixtral, 53.66 / 0.053 on tiny-qwen-moe): exponent 2 without column weights 51.66 / 0.098 and 53.91 / 0.060,
+# 2.4 without 51.55 / 0.086 and 53.39 / 0.053, 2.4 weighted by the loss factors (this) 51.32 / 0.085, 53.27 / 0.053.
+MSE_GRID_NORM = 2.4
+
+
+def fit_mse_grid(w: torch.Tensor, bits: int, sym: bool = False, scale_dtype: str = "float16",
+                 column_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min/max grid of ``w`` (:func:`fit_grid`) with its range shrunk by the factor of ``MSE_GRID_SHRINKS``
+    that minimises the group's rounding error ``sum_j c_j |q_j - w_j|^p`` (``c = column_weight``, default 1;
+    ``p = MSE_GRID_NORM``).
+
+    A min/max grid spends its few levels on the group's extremes; at 2 bits (4 levels) clipping the tails
+    lowers the squared error of Gaussian-like weights by about 40%. Inside GPTQ the weight ``c_j`` is column j's
+    loss factor (the Cholesky pivot squared, ``r_j^2``): the error GPTQ cannot compensate. Ties keep the larger
+    range, so the search never does worse than min/max on its own objective.
+    """
+    w = w.float()
+    maxq = (1 << bits) - 1
+    best_err = best_scale = best_zero = None
+    for shrink in MSE_GRID_SHRINKS:
+        scale, zero = fit_grid(w * shrink, bits, sym, scale_dtype)
+        q = dequantize_codes(quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits), scale.unsqueeze(-1),
+                             zero.unsqueeze(-1))
+        err = (q - w).abs_().pow_(MSE_GRID_NORM)
+        if column_weight is not None:
+            err.mul_(column_weight)
+        err = err.sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+GRID_SEARCHES = ("minmax", "mse")
 
 
 def round_up_to_fp16(scale: torch.Tensor) -> torch.Tensor:
@@ -226,7 +285,7 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     gs = spec.effective_group_size(in_f)
     n_groups = in_f // gs
     w = weight.detach().float().reshape(out_f, n_groups, gs)
-    scale, zero = fit_grid(w, spec.bits, spec.sym, spec.scale_dtype)  # [out, n_groups]
+    scale, zero = spec.fit(w)  # [out, n_groups]
     codes = quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
     g_idx = torch.arange(in_f, dtype=torch.int32, device=weight.device) // gs
     return QuantizedWeight(
