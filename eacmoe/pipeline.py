@@ -68,7 +68,8 @@ class QuantizeConfig:
     sym: bool = False
     act_order: bool = False
     damp_percent: float = 0.01
-    grid: str = "minmax"                 # how a group's range is chosen: minmax | mse (quant/grid.py)
+    grid: str = "minmax"                 # how a group's range is chosen: minmax (the paper's) | mse (quant/grid.py);
+    #                                      python -m eacmoe.quantize defaults to mse
     router_topk: int | None = None       # K of TopK-MSE; None = the adapter's default (8 of 16, 20 of 64)
     router_steps: int = 1000
     router_lr: float = 1e-3

@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="columns per quantization group; -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with zero points)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--grid", choices=GRID_SEARCHES, default="minmax",
-                   help="how each group's range is chosen: minmax = its min and max (GPTQ, GPTQModel's default); "
-                        "mse = shrunk to minimise the group's rounding error, inside GPTQ weighted by each column's "
-                        "loss factor (eacmoe/quant/grid.py)"),
+    p.add_argument("--grid", choices=GRID_SEARCHES, default="mse",
+                   help="how each group's range is chosen: mse = shrunk to minimise the group's rounding error, "
+                        "inside GPTQ weighted by each column's loss factor (eacmoe/quant/grid.py; measured in "
+                        "docs/QUANTIZING.md); minmax = its min and max (the paper's GPTQ, GPTQModel's default)")
     p.add_argument("--calib", default="bundled",
                    help="calibration text: bundled, wikitext2, c4 (online only) or a .txt/.jsonl path")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")

@@ -71,7 +71,7 @@ class QuantizeJob:
     group_size: int = 128
     sym: bool = False
     act_order: bool = False
-    grid: str = "minmax"              # minmax | mse, see quant/grid.py
+    grid: str = "mse"                 # mse | minmax, see quant/grid.py (QuantizeConfig keeps the paper's minmax)
     calib: str = "bundled"
     nsamples: int = 128
     seqlen: int | None = None         # None: the model's context, at most 2048 (the paper's length)

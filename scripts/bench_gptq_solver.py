@@ -12,13 +12,15 @@ arithmetic (before the inverse-free factorisation), agree like two GPTQ implemen
 loss); else the script stops with an error. The share of equal codes is printed per shape.
 Times are CPU seconds (``time.process_time``), best of --repeats, for one matrix on a fresh solver (factorisation
 included) and for a pair of matrices on one solver (an expert's gate and up projections share their input).
-With ``--experts E`` (E > 1) a third pair of columns: E experts' gate and up projections (E solvers, 2E matrices)
+A column more times the working tree's solver with ``--grid mse`` (the range search, eacmoe/quant/grid.py) on the
+same matrix. With ``--experts E`` (E > 1) a third pair of columns: E experts' gate and up projections (E solvers, 2E matrices)
 quantized one matrix at a time by the baseline and in one column loop by ``quantize_together`` (also checked
 identical, matrix by matrix); factorisations are done before timing, so the columns compare the loops.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import importlib.util
 import subprocess
 import sys
@@ -123,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     experts = args.experts
     layer_head = f" {experts} experts' gate+up: one by one (before) | together | x |" if experts > 1 else ""
     print("| rows x cols | group | bits | act-order | sym | one matrix: before | after | x | gate+up pair: before "
-          "| after | x | same output |" + layer_head)
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if experts > 1 else ""))
+          "| after | x | same output | one matrix, --grid mse | x minmax |" + layer_head)
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|" + ("---:|---:|---:|" if experts > 1 else ""))
     for rows, cols, gs, bits, act, sym in SHAPES if args.shapes == "bundled" else REAL_SHAPES:
         # real shapes: 4096 tokens, about what a Mixtral expert gets of 16 x 512 (fewer than 14336 columns: damped)
         n = 4 * cols if args.shapes == "bundled" else 4096
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
         old1 = best(lambda: Old.from_hessian(H, n).quantize(w, spec), args.repeats)
         new1 = best(lambda: GPTQ.from_hessian(H, n).quantize(w, spec), args.repeats)
+        mse1 = best(lambda: GPTQ.from_hessian(H, n).quantize(w, replace(spec, grid="mse")), args.repeats)
         old2, new2 = best(lambda: pair(Old), args.repeats), best(lambda: pair(GPTQ), args.repeats)
         layer_cells = ""
         if experts > 1:
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             layer_cells = f" {old_e * 1e3:.1f} | {new_e * 1e3:.1f} | {old_e / new_e:.2f} |"
         print(f"| {rows} x {cols} | {gs} | {bits} | {act} | {sym} | {old1 * 1e3:.1f} | {new1 * 1e3:.1f} | "
               f"{old1 / new1:.2f} | {old2 * 1e3:.1f} | {new2 * 1e3:.1f} | {old2 / new2:.2f} | "
-              f"{'; '.join(agreement)} |" + layer_cells)
+              f"{'; '.join(agreement)} | {mse1 * 1e3:.1f} | {mse1 / new1:.2f} |" + layer_cells)
     print("\nsame output: codes, scales, zeros, g_idx and loss identical, else the share of equal codes and the "
           "loss difference (both grid timings on the bundled shapes)")
     return 0

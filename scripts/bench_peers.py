@@ -113,11 +113,12 @@ def _eacmoe(method: str) -> Method:
                 "--group-size", str(job.scheme.group_size), "--calib", job.calib, "--nsamples", str(job.nsamples),
                 "--seqlen", str(job.seqlen), "--seed", str(job.seed), "--threads", str(job.threads),
                 "--eval-samples", "1", "--eval-seqlen", "16", "--out", job.out_dir, "--overwrite",
+                "--grid", "minmax",  # the peers' grid (GPTQModel mse=0, llm-compressor's minmax observer)
                 *(["--dtype", "bfloat16"] if is_real_shape_slice(job.model_dir) else [])]  # else auto: fp32 on CPU
 
     def settings(job: Job) -> str:
         extra = ", router TopK-MSE calibration" if method == "qesc" else ""
-        return (f"{model_dtype(job.model_dir)} model, asym, damp {job.damp_percent}, no act-order, block 128, batch 8; "
+        return (f"{model_dtype(job.model_dir)} model, asym, min/max grid, damp {job.damp_percent}, no act-order, block 128, batch 8; "
                 f"experts under their input width in tokens use the layer's pooled tokens{extra}")
     return Method(f"eacmoe-{method}", "eacmoe", command, settings)
 

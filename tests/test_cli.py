@@ -394,15 +394,21 @@ def test_flags_the_method_ignores_are_warned_about_and_not_recorded(tiny_mixtral
     assert {k: recorded[k] for k in expected} == expected
 
 
+def _weights_per_value(capsys, tiny_mixtral: Path, tmp_path: Path, flag: str, values: tuple[str, ...]) -> dict:
+    """One quick run per value of `flag`: each must record the value in config.json; their exported tensors."""
+    runs = {}
+    for value in values:
+        out = tmp_path / value.replace(":", "_")
+        code, _, err = quantize(capsys, "--model", tiny_mixtral, *FAST, flag, value, "--out", out)
+        assert code == 0, err[-3000:]
+        assert json.loads((out / "config.json").read_text())["quantization"][flag[2:].replace("-", "_")] == value
+        runs[value] = weights(out)
+    return runs
+
+
 def test_gptq_target_fp_is_recorded_and_changes_only_the_routed_experts(tiny_mixtral: Path, tmp_path: Path,
                                                                           capsys) -> None:
-    runs = {}
-    for target in ("quantized", "fp"):
-        out = tmp_path / target
-        code, _, err = quantize(capsys, "--model", tiny_mixtral, *FAST, "--gptq-target", target, "--out", out)
-        assert code == 0, err[-3000:]
-        assert json.loads((out / "config.json").read_text())["quantization"]["gptq_target"] == target
-        runs[target] = weights(out)
+    runs = _weights_per_value(capsys, tiny_mixtral, tmp_path, "--gptq-target", ("quantized", "fp"))
     # in the first layer only the experts change (later layers see other inputs, so everything there may differ)
     differ = {k for k in runs["fp"] if k.startswith("model.layers.0.")
               and not torch.equal(runs["fp"][k], runs["quantized"][k])}
@@ -411,13 +417,7 @@ def test_gptq_target_fp_is_recorded_and_changes_only_the_routed_experts(tiny_mix
 
 def test_grid_mse_is_recorded_and_changes_scales_only_where_the_search_shrinks(tiny_mixtral: Path, tmp_path: Path,
                                                                               capsys) -> None:
-    runs = {}
-    for grid in ("minmax", "mse"):
-        out = tmp_path / grid
-        code, _, err = quantize(capsys, "--model", tiny_mixtral, *FAST, "--grid", grid, "--out", out)
-        assert code == 0, err[-3000:]
-        assert json.loads((out / "config.json").read_text())["quantization"]["grid"] == grid
-        runs[grid] = weights(out)
+    runs = _weights_per_value(capsys, tiny_mixtral, tmp_path, "--grid", ("minmax", "mse"))
     # a matrix's first group is fitted on its FP weights in both runs (no GPTQ feedback yet): the search starts at
     # min/max and only shrinks, so those scales (row 0 of the packed [groups, out]) can only get smaller
     scales = [k for k in runs["mse"] if k.startswith("model.layers.0.") and k.endswith(".scales")]

@@ -120,14 +120,24 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool = False,
     Returns:
         ``(scale, zero)``, both fp32 of shape ``w.shape[:-1]``; ``zero`` holds integers in ``[0, 2**bits-1]``.
     """
+    xmin, xmax = _range_with_zero(w)
+    return _grid_of_range(xmin, xmax, bits, sym, scale_dtype)
+
+
+def _range_with_zero(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(w, 0), max(w, 0))`` over the last dimension, fp32. The range always contains 0 so that exact zeros
+    (dead/pruned weights) stay exactly representable."""
+    w = w.float()
+    zeros_ = torch.zeros((), dtype=torch.float32, device=w.device)
+    return torch.minimum(w.amin(dim=-1), zeros_), torch.maximum(w.amax(dim=-1), zeros_)
+
+
+def _grid_of_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
+                   scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, zero) of :func:`fit_grid` for a range ``[xmin, xmax]`` that contains 0."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     maxq = (1 << bits) - 1
-    w = w.float()
-    zeros_ = torch.zeros((), dtype=torch.float32, device=w.device)
-    # The range always contains 0 so that exact zeros (dead/pruned weights) stay exactly representable.
-    xmin = torch.minimum(w.amin(dim=-1), zeros_)
-    xmax = torch.maximum(w.amax(dim=-1), zeros_)
     if sym:
         # GPTQ keeps xmin = 0 for an all-non-negative group, which with the fixed mid zero point clips the
         # top half of the range; always spanning [-m, m] avoids that (identical to GPTQ otherwise).
@@ -170,12 +180,14 @@ def fit_mse_grid(w: torch.Tensor, bits: int, sym: bool = False, scale_dtype: str
     """
     w = w.float()
     maxq = (1 << bits) - 1
+    xmin, xmax = _range_with_zero(w)
     best_err = best_scale = best_zero = None
     for shrink in MSE_GRID_SHRINKS:
-        scale, zero = fit_grid(w * shrink, bits, sym, scale_dtype)
-        q = dequantize_codes(quantize_to_codes(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits), scale.unsqueeze(-1),
-                             zero.unsqueeze(-1))
-        err = (q - w).abs_().pow_(MSE_GRID_NORM)
+        # the grid fit_grid gives w * shrink (min and max commute with a positive scale exactly)
+        scale, zero = _grid_of_range(xmin * shrink, xmax * shrink, bits, sym, scale_dtype)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        # |q - w| with q = (clamp(round(w / s) + z, 0, maxq) - z) * s, in place (quantize_to_codes' arithmetic)
+        err = (w / s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(w).abs_().pow_(MSE_GRID_NORM)
         if column_weight is not None:
             err.mul_(column_weight)
         err = err.sum(-1)
