@@ -70,7 +70,8 @@ class GPTQResult:
 
     Attributes:
         qweight: the quantized weight (codes, scales, zeros, g_idx).
-        loss: sum of the GPTQ per-column losses ``(w_j - q_j)^2 / (2 [U]_jj^2)``; it equals
+        loss: sum of the GPTQ per-column losses ``(w_j - q_j)^2 / (2 [U]_jj^2)`` (``U`` the upper Cholesky factor of
+            ``H_d^-1``; ``1 / U_jj = r_j``); it equals
             ``0.5 * tr((W - Q) H_d (W - Q)^T)`` with ``H_d`` the damped Hessian (dead columns zeroed).
         damp: absolute value added to the Hessian diagonal.
         damp_percent: the fraction of the mean Hessian diagonal that ``damp`` corresponds to (larger than
@@ -319,12 +320,12 @@ def quantize_together(solvers: Sequence[GPTQ], weights: Sequence[torch.Tensor], 
     bit for bit, in a fraction of the Python steps.
 
     Matrices that share a solver (the same input: an expert's gate and up, attention's q, k and v) are stacked
-    by rows, since GPTQ treats every row independently given the inverse factor; different solvers (the experts
+    by rows, since GPTQ treats every row independently given the factorisation; different solvers (the experts
     of a layer) become a leading batch dimension of the loop and need equal stacked shapes. On small and
     mid-size matrices the loop is dispatch-bound (one column of a few hundred rows per step), so a layer's 128
     Qwen3 experts x 3 matrices cost about as many Python steps as one matrix each of gate+up and down.
     Memory: every batch member's fp32 weight, codes and losses at once (12 x rows x columns bytes each) and,
-    with more than one solver, a stacked copy of their inverse factors (4 x columns^2 bytes each): the caller
+    with more than one solver, a stacked copy of their feedback matrices (4 x columns^2 bytes each): the caller
     bounds the batch (see ``pipeline``).
     """
     if len(solvers) != len(weights) or not solvers:
