@@ -11,8 +11,9 @@ from 2 bits on it shrinks ``ERROR_SHRINK_PER_BIT`` = 4x per extra bit (one bit h
 the squared error falls about 4x): ``loss_l(b) = s_l * 4^-(b - 2)``. Sensitivities come from
 
 - a sensitivity file (`--sensitivity FILE`, ``sensitivity.json`` of ``python -m eacmoe.eval --sensitivity``): each
-  layer's ``score``, the KL to FP of the model with only that layer's experts GPTQ-quantized at 2 bits
-  (``score_perturbation`` must be ``gptq@2``); a dense layer (no score) gets the median score of the others; or
+  layer's ``score``, the KL to FP of the model with only that layer's routed experts GPTQ-quantized at 2 bits
+  (``score_perturbation`` must be ``gptq@2``), plus its ``shared`` score (its shared experts alone) where the file
+  has one; a dense layer (no score) gets the median score of the others; or
 - when no file is given, a proxy computed in the run (`proxy_sensitivities`): one FP pass over the calibration
   tokens, and per layer the energy of the block output's change when its experts are RTN-quantized at 2 bits,
   relative to the energy of the residual stream leaving the layer. Measured against the files: docs/QUANTIZING.md.
@@ -24,11 +25,11 @@ the average over the expert weights is again at most B exactly. Per-module sensi
 
 - the sensitivity file's per-expert cells (``layers[i].experts[e].score``: the KL with only that expert 2-bit GPTQ;
   ``python -m eacmoe.eval --sensitivity`` measures them unless ``--no-per-expert``); a layer without them gets its
-  ``score`` split among its experts in proportion to the in-run proxy below, and a layer's shared experts (no cell
-  measures them; the score covers the routed experts only) ``score x proxy(shared) / sum_e proxy(e)``; a dense layer
-  the median as above. Where the proxy cannot run (a lazily loaded model) the split falls back to the experts'
-  ``selection_frequency`` share and shared experts to the layer's score, a poor guess (measured in
-  docs/QUANTIZING.md); or
+  ``score`` split among its experts in proportion to the in-run proxy below; a layer's shared experts their own
+  ``shared`` cell where the file has one, else (files measured before those cells; ``score`` covers the routed
+  experts only) ``score x proxy(shared) / sum_e proxy(e)``; a dense layer the median as above. Where the proxy
+  cannot run (a lazily loaded model) the split falls back to the experts' ``selection_frequency`` share and shared
+  experts to the layer's score, a poor guess (measured in docs/QUANTIZING.md); or
 - without a file, `proxy_expert_sensitivities`: the per-layer proxy made per module, one FP pass: expert e's
   ``sum_t g_{t,e}^2 |E_e^RTN2(x_t) - E_e(x_t)|^2`` over the tokens routed to it (g: its combine weight), the shared
   experts' output change likewise, each over the energy of the layer's output. Measured against the file's per-expert
@@ -246,20 +247,31 @@ def _read_sensitivity_doc(path: Path, num_layers: int, fingerprint: str | None) 
     return doc
 
 
-def _layer_scores(doc: dict, path: Path) -> list[float]:
-    scores = [layer.get("score") for layer in doc["layers"]]
-    known = [float(s) for s in scores if s is not None]
+def _shared_score(entry: dict) -> float | None:
+    """A layer's measured shared-expert sensitivity (its ``L<L>:shared`` cell), or None."""
+    shared = entry.get("shared")
+    return None if not shared else max(0.0, float(shared["score"]))
+
+
+def _layer_scores(doc: dict, path: Path, with_shared: bool = True) -> list[float]:
+    """Per-layer 2-bit sensitivities: routed experts' ``score`` (+ the measured shared experts' with_shared); a
+    dense layer gets the median of the others."""
+    scores = [None if layer.get("score") is None
+              else max(0.0, float(layer["score"])) + ((_shared_score(layer) or 0.0) if with_shared else 0.0)
+              for layer in doc["layers"]]
+    known = [s for s in scores if s is not None]
     if not known:
         raise AllocationError(f"--sensitivity {path} holds no layer scores")
     fill = statistics.median(known)
-    return [fill if s is None else max(0.0, float(s)) for s in scores]
+    return [fill if s is None else s for s in scores]
 
 
 def file_needs_proxy(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None) -> bool:
     """Whether the file leaves a per-module sensitivity to the in-run proxy: a MoE layer without per-expert cells,
-    or one with shared experts (no cell measures them)."""
+    or with shared experts but no shared cell."""
     doc = _read_sensitivity_doc(path, len(modules), fingerprint)
-    return any(m.routed and (m.rest or not entry.get("experts")) for entry, m in zip(doc["layers"], modules))
+    return any(m.routed and ((m.rest and _shared_score(entry) is None) or not entry.get("experts"))
+               for entry, m in zip(doc["layers"], modules))
 
 
 def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], fingerprint: str | None = None,
@@ -269,14 +281,17 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
     obtained (for the report). `proxy` (`proxy_expert_sensitivities`), when given, splits the layer score of a layer
     without per-expert cells among its experts and sets its shared experts relative to its routed ones."""
     doc = _read_sensitivity_doc(path, len(modules), fingerprint)
-    scores = _layer_scores(doc, path)
-    result, measured, by_proxy, split = [], 0, 0, 0
+    scores = _layer_scores(doc, path, with_shared=False)
+    result, measured, by_proxy, split, shared_cells = [], 0, 0, 0, 0
     for i, (entry, layer, score) in enumerate(zip(doc["layers"], modules, scores)):
         n = len(layer.routed)
         cells = entry.get("experts") or []
         guess = proxy[i] if proxy is not None and sum(proxy[i].routed) > 0 else None
         rest = score
-        if n and guess is not None and layer.rest:  # the file's score covers the routed experts only
+        if n and layer.rest and _shared_score(entry) is not None:
+            rest = _shared_score(entry)
+            shared_cells += 1
+        elif n and guess is not None and layer.rest:  # the file's score covers the routed experts only
             rest = score * guess.rest / sum(guess.routed)
         if n and cells:
             if sorted(int(c["expert"]) for c in cells) != list(range(n)):
@@ -303,7 +318,10 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
         parts.append(f"layer score split by the in-run per-module proxy in {by_proxy}")
     if split:
         parts.append(f"layer score x selection frequency in {split}")
-    if proxy is not None and any(m.routed and m.rest for m in modules):
+    if shared_cells:
+        parts.append(f"shared-expert cells in {shared_cells}")
+    if proxy is not None and any(m.routed and m.rest and _shared_score(e) is None
+                                 for e, m in zip(doc["layers"], modules)):
         parts.append("shared experts: layer score x their proxy / the routed experts' proxy")
     return result, f"{path} ({'; '.join(parts)})"
 

@@ -424,15 +424,18 @@ def load_rows(path: Path) -> list[dict]:
     return list({r["cell"]: r for r in rows}.values())
 
 
-def check_resumable(rows: list[dict], model: str, fingerprint: str, settings: dict, path: Path) -> None:
-    """Refuse to add cells to a results file measured on other weights or with other settings."""
+def check_resumable(rows: list[dict], model: str, fingerprint: str, settings: dict, path: Path,
+                    cell_independent: tuple[str, ...] = ()) -> None:
+    """Refuse to add cells to a results file measured on other weights or with other settings
+    (``cell_independent``: settings that only choose which cells run, not what a cell measures)."""
     for row in rows:
         if row.get("fingerprint") != fingerprint:
             raise SweepError(f"{path} holds cells measured on other weights (fingerprint {row.get('fingerprint')}, "
                              f"{model} is {fingerprint}); pass another --out or move the file aside")
-        if row.get("settings") != settings:
-            changed = sorted(k for k in {**settings, **(row.get("settings") or {})}
-                             if (row.get("settings") or {}).get(k) != settings.get(k))
+        stored = row.get("settings") or {}
+        changed = sorted(k for k in {**settings, **stored}
+                         if stored.get(k) != settings.get(k) and k not in cell_independent)
+        if changed:
             raise SweepError(f"{path} holds cells measured with other settings ({', '.join(changed)}); pass the "
                              "same flags, another --out, or move the file aside")
 

@@ -38,11 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "as --per-expert-bits prints")
     p.add_argument("--sensitivity", default=None, metavar="FILE",
                    help="for --bits auto:B: the sensitivity.json of python -m eacmoe.eval --sensitivity, measured on "
-                        "this model's weights (per-layer KL of 2-bit GPTQ experts)")
+                        "this model's weights (per-layer KL of 2-bit GPTQ experts, per expert, per shared expert)")
     p.add_argument("--per-expert-bits", action="store_true",
                    help="with --bits auto:B: choose the widths per routed expert (and per layer for shared experts "
                         "and dense MLPs) instead of per layer, under the same budget; sensitivities from the "
-                        "--sensitivity file's per-expert cells, or an in-run per-expert proxy")
+                        "--sensitivity file's per-expert and shared-expert cells, or an in-run per-expert proxy. "
+                        "With the defaults, --bits auto:2.5 --per-expert-bits is the measured 2.5-bit recipe "
+                        "(docs/QUANTIZING.md)")
     p.add_argument("--attn-bits", type=int, default=4, help="attention bits (2, 3, 4, 8; 16 keeps attention FP)")
     p.add_argument("--method", choices=METHODS, default="qesc",
                    help="rtn: round-to-nearest; gptq: GPTQ, routers untouched; qesc: GPTQ + TopK-MSE router "

@@ -9,7 +9,10 @@ every token counts once for the expert it selects.
 index), ``L<L>:top<k>`` the k most often selected with k the model's own top-k (the study used top-6 of 64, its
 model's top-k), ``L<L>:all`` every routed expert; and ``third:first|middle|last``, every expert of the MoE layers
 of that third (contiguous, non-overlapping: ``numpy.array_split`` of the MoE layers into three); with per-expert
-cells on, ``L<L>:E<e>`` each expert alone.
+cells on, ``L<L>:E<e>`` each expert alone; and, in a layer with shared experts (Qwen2-MoE, DeepSeek),
+``L<L>:shared``, those shared experts alone (the other targets hold routed experts only). Shared experts process
+every token: on tiny-qwen-moe, 2-bit GPTQ of one layer's shared expert (1/8 of the layer's routed parameters)
+costs a median 0.54x the KL of all its 32 routed experts (docs/eval/tiny-qwen-moe/sensitivity/REPORT.md).
 
 **Perturbations** (:class:`Perturbation`), applied to gate, up and down projection of every targeted expert:
 
@@ -19,10 +22,10 @@ cells on, ``L<L>:E<e>`` each expert alone.
 - ``sz3@p``: real SZ3 at *matched error*: SZ3's error is close to uniform on ±bound, whose standard deviation is
   bound / sqrt(3), so the absolute bound is ``sqrt(3) x p x mean|w|`` of the matrix: the same error std as
   ``normal@p``, with a hard maximum instead of Normal tails. The evaluated model uses the decompressed weights.
-- ``gptq@b`` (targets ``L<L>:all`` and ``L<L>:E<e>``): that layer's (expert's) matrices replaced by their b-bit
-  GPTQ weights, every other weight FP. The GPTQ weights come from *one* b-bit GPTQ run over the whole model
-  (``attn_bits=None``, the sweep's group size and calibration), copied into the FP model target by target; so a
-  layer's GPTQ inputs (its Hessians) are those of the quantized stream of the layers before it, as in a real run.
+- ``gptq@b`` (targets ``L<L>:all``, ``L<L>:E<e>`` and ``L<L>:shared``): that layer's (expert's) matrices replaced
+  by their b-bit GPTQ weights, every other weight FP. The GPTQ weights come from *one* b-bit GPTQ run over the whole
+  model (``attn_bits=None``, the sweep's group size and calibration), copied into the FP model target by target; so
+  a layer's GPTQ inputs (its Hessians) are those of the quantized stream of the layers before it, as in a real run.
 
 **Measure.** Each cell is the FP model with one (target, perturbation) applied, evaluated by
 :func:`eacmoe.evaluation.evaluate_model` against the FP model on the held-out windows of the primary source
@@ -50,13 +53,14 @@ from the figures, comparing with the study's findings) and ``sensitivity.json``,
          "kl": {perturbation: float},             # target L<L>:all, every perturbation measured
          "delta_ppl": {perturbation: float},
          "delta_acc": {perturbation: float},      # suite accuracy change in points ({} without --suite)
-         "experts": [{"expert": int, "score": float, "delta_ppl": float}] | null}  # per-expert gptq cells
+         "experts": [{"expert": int, "score": float, "delta_ppl": float}] | null,  # per-expert gptq cells
+         "shared": {"score": float, "delta_ppl": float} | null}  # the L<L>:shared gptq cell (null: none)
       ],
       "thirds": {"first"|"middle"|"last": {"layers": [int], "kl": {...}, "delta_ppl": {...}}}
     }
 
 ``score_perturbation`` is ``gptq@<bits>`` when those cells were measured, else the strongest ``normal@p``.
-Higher score = more sensitive.
+Higher score = more sensitive. ``score`` covers the routed experts only; a quantizer adds ``shared`` where present.
 """
 from __future__ import annotations
 
@@ -158,23 +162,27 @@ def selection_frequencies(model: nn.Module, input_ids: torch.Tensor, batch_size:
 
 @dataclass(frozen=True)
 class Target:
-    """A set of experts to perturb: ``experts`` maps a decoder layer to the routed experts perturbed in it."""
+    """A set of experts to perturb: ``experts`` maps a decoder layer to the routed experts perturbed in it,
+    ``shared`` lists the decoder layers whose shared experts are perturbed."""
 
     name: str
-    group: str                                  # top1 | topk | all | third | expert
+    group: str                                  # top1 | topk | all | third | expert | shared
     experts: tuple[tuple[int, tuple[int, ...]], ...]
+    shared: tuple[int, ...] = ()
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return tuple(layer for layer, _ in self.experts)
+        return tuple(layer for layer, _ in self.experts) + self.shared
 
 
 def _ranked(counts: Sequence[int]) -> list[int]:
     return sorted(range(len(counts)), key=lambda e: (-counts[e], e))  # most selected first; ties: lower index
 
 
-def plan_targets(counts: Sequence[Sequence[int] | None], top_k: int, per_expert: bool = False) -> list[Target]:
-    """The study's targets (module docstring) from :func:`selection_frequencies`' counts."""
+def plan_targets(counts: Sequence[Sequence[int] | None], top_k: int, per_expert: bool = False,
+                 shared_layers: Sequence[int] = ()) -> list[Target]:
+    """The study's targets (module docstring) from :func:`selection_frequencies`' counts; ``shared_layers``: the
+    MoE layers with shared experts."""
     moe_layers = [i for i, c in enumerate(counts) if c is not None]
     targets: list[Target] = []
     for layer in moe_layers:
@@ -189,7 +197,13 @@ def plan_targets(counts: Sequence[Sequence[int] | None], top_k: int, per_expert:
     if per_expert:
         targets += [Target(f"L{layer}:E{e}", "expert", ((layer, (e,)),))
                     for layer in moe_layers for e in range(len(counts[layer]))]
+    targets += [Target(f"L{layer}:shared", "shared", (), (layer,)) for layer in shared_layers]
     return targets
+
+
+def shared_expert_linears(adapter, layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name relative to the decoder layer, Linear) of a MoE layer's shared experts; [] without any."""
+    return [item for group in adapter.shared_experts(adapter.moe_block(layer)) for item in group]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,40 +243,53 @@ def noise_seed(cell: str, seed: int) -> int:
 def apply_perturbation(model: nn.Module, target: Target, perturbation: Perturbation, *,
                        generator: torch.Generator | None = None, gptq_model: nn.Module | None = None
                        ) -> dict[str, Any]:
-    """Perturb ``target``'s experts of ``model`` in place; returns what was done: ``error_std`` (the applied
-    error's std over all perturbed weights), ``error_std_over_mean_abs`` (that std / mean |w|, comparable to p),
-    ``max_error_over_bound`` (sz3 only, at most 1). ``gptq_model``: the model whose expert weights gptq copies."""
+    """Perturb ``target``'s experts (routed and shared) of ``model`` in place; returns what was done: ``error_std``
+    (the applied error's std over all perturbed weights), ``error_std_over_mean_abs`` (that std / mean |w|,
+    comparable to p), ``max_error_over_bound`` (sz3 only, at most 1). ``gptq_model``: the model whose expert weights
+    gptq copies."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
+    source_layers = None
     if perturbation.kind == "gptq":
         if gptq_model is None:
             raise ValueError("a gptq perturbation needs the quantized model to copy from")
         source_layers = adapter.decoder_layers(gptq_model)
     sq_error, sq_ratio, numel, worst = 0.0, 0.0, 0, 0.0
+
+    def perturb(w: torch.Tensor, quantized: torch.Tensor | None) -> torch.Tensor:
+        """``w`` under the perturbation (``quantized``: its GPTQ counterpart), the error statistics accumulated."""
+        nonlocal sq_error, sq_ratio, numel, worst
+        if perturbation.kind == "normal":
+            new = gaussian_noise(w, perturbation.level, generator)
+        elif perturbation.kind == "sz3":
+            bound = matched_sz3_bound(w, perturbation.level)
+            if bound > 0:
+                new, stats = compress_matrix(w, "sz3", ErrorBound("abs", bound))
+                worst = max(worst, stats.max_abs_error / bound)
+            else:  # p = 0 (or an all-zero matrix): nothing to compress away
+                new = w.clone()
+        elif perturbation.kind == "gptq":
+            new = quantized.clone()
+        else:
+            raise ValueError(f"unknown perturbation kind {perturbation.kind!r}")
+        error = (new.double() - w.double())
+        scale = mean_abs(w.detach().to("cpu", torch.float32).numpy())
+        sq_error += float(error.pow(2).sum())
+        sq_ratio += float(error.pow(2).sum()) / scale**2 if scale > 0 else 0.0
+        numel += w.numel()
+        return new
+
     for layer_index, experts in target.experts:
         block = adapter.moe_block(layers[layer_index])
         for e in experts:
-            new = {}
-            for proj, w in adapter.expert_weights(block, e).items():
-                if perturbation.kind == "normal":
-                    new[proj] = gaussian_noise(w, perturbation.level, generator)
-                elif perturbation.kind == "sz3":
-                    bound = matched_sz3_bound(w, perturbation.level)
-                    if bound > 0:
-                        new[proj], stats = compress_matrix(w, "sz3", ErrorBound("abs", bound))
-                        worst = max(worst, stats.max_abs_error / bound)
-                    else:  # p = 0 (or an all-zero matrix): nothing to compress away
-                        new[proj] = w.clone()
-                elif perturbation.kind == "gptq":
-                    new[proj] = adapter.expert_weights(adapter.moe_block(source_layers[layer_index]), e)[proj].clone()
-                else:
-                    raise ValueError(f"unknown perturbation kind {perturbation.kind!r}")
-                error = (new[proj].double() - w.double())
-                scale = mean_abs(w.detach().to("cpu", torch.float32).numpy())
-                sq_error += float(error.pow(2).sum())
-                sq_ratio += float(error.pow(2).sum()) / scale**2 if scale > 0 else 0.0
-                numel += w.numel()
+            quantized = (adapter.expert_weights(adapter.moe_block(source_layers[layer_index]), e)
+                         if source_layers is not None else {})
+            new = {proj: perturb(w, quantized.get(proj)) for proj, w in adapter.expert_weights(block, e).items()}
             adapter.set_expert_weights(block, e, new)
+    for layer_index in target.shared:
+        for name, linear in shared_expert_linears(adapter, layers[layer_index]):
+            quantized = source_layers[layer_index].get_submodule(name).weight if source_layers is not None else None
+            linear.weight.data.copy_(perturb(linear.weight.data, quantized))
     done = {"error_std": math.sqrt(sq_error / max(1, numel)),
             "error_std_over_mean_abs": math.sqrt(sq_ratio / max(1, numel))}
     if perturbation.kind == "sz3":
@@ -277,11 +304,15 @@ def perturbed(model: nn.Module, target: Target, perturbation: Perturbation, **kw
     layers = adapter.decoder_layers(model)
     saved = {(layer, e): {k: v.clone() for k, v in adapter.expert_weights(adapter.moe_block(layers[layer]), e).items()}
              for layer, experts in target.experts for e in experts}
+    saved_shared = [(linear, linear.weight.data.clone()) for layer in target.shared
+                    for _, linear in shared_expert_linears(adapter, layers[layer])]
     try:
         yield apply_perturbation(model, target, perturbation, **kwargs)
     finally:
         for (layer, e), weights in saved.items():
             adapter.set_expert_weights(adapter.moe_block(layers[layer]), e, weights)
+        for linear, weight in saved_shared:
+            linear.weight.data.copy_(weight)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,12 +331,12 @@ class StudyCell:
 
 def plan_cells(targets: Sequence[Target], noise_levels: Sequence[float], gptq_bits: int | None) -> list[StudyCell]:
     """The FP cell, then normal and sz3 at every level for the top1 / topk / all / third targets, and gptq for
-    the all and expert targets (``gptq_bits`` None: no gptq cells)."""
+    the all, expert and shared targets (``gptq_bits`` None: no gptq cells)."""
     noise = [Perturbation(kind, float(p)) for kind in ("normal", "sz3") for p in noise_levels]
     gptq = [] if gptq_bits is None else [Perturbation("gptq", gptq_bits)]
     cells = [StudyCell(None, None)]
     for target in targets:
-        perturbations = {"all": noise + gptq, "expert": gptq}.get(target.group, noise)
+        perturbations = {"all": noise + gptq, "expert": gptq, "shared": gptq}.get(target.group, noise)
         cells += [StudyCell(target, p) for p in perturbations]
     return cells
 
@@ -346,7 +377,8 @@ def run_study(model_name: str, settings: StudySettings, out: Path, command: str 
     sweep = settings.sweep.resolved(context_length)
     settings = StudySettings(**{**asdict(settings), "sweep": sweep})
     fingerprint = scan_weights(fp_model, ModelLayers(adapter.decoder_layers(fp_model))).fingerprint
-    check_resumable(rows, model_name, fingerprint, settings.as_dict(), results_path)
+    # per_expert only adds cells: a study run without them can be continued with them
+    check_resumable(rows, model_name, fingerprint, settings.as_dict(), results_path, cell_independent=("per_expert",))
     heldout = load_heldout(tokenizer, sweep.eval_samples, sweep.eval_seqlen)[PRIMARY_SOURCE]
     try:  # e.g. tiny-qwen-moe's experts are 64 wide: fail now, not after the noise cells
         check_group_size_for_model(fp_model, sweep.group_size, attention=False)
@@ -362,7 +394,10 @@ def run_study(model_name: str, settings: StudySettings, out: Path, command: str 
     top_k = adapter.top_k(moe_blocks[0])
     total_experts = sum(adapter.num_experts(b) for b in moe_blocks)
     per_expert = settings.per_expert if settings.per_expert is not None else total_experts <= PER_EXPERT_LIMIT
-    cells = plan_cells(plan_targets(counts, top_k, per_expert), settings.noise_levels, settings.gptq_bits)
+    shared_layers = [i for i, layer in enumerate(adapter.decoder_layers(fp_model))
+                     if adapter.moe_block(layer) is not None and shared_expert_linears(adapter, layer)]
+    cells = plan_cells(plan_targets(counts, top_k, per_expert, shared_layers), settings.noise_levels,
+                       settings.gptq_bits)
     done = {r["cell"] for r in rows}
     pending = [c for c in cells if c.label not in done]
 
@@ -391,6 +426,7 @@ def run_study(model_name: str, settings: StudySettings, out: Path, command: str 
                     metrics = evaluate_model(ctx, work, {PRIMARY_SOURCE: heldout}, {PRIMARY_SOURCE: reference})
                 row.update(target=cell.target.name, group=cell.target.group,
                            experts={str(layer): list(e) for layer, e in cell.target.experts},
+                           shared_layers=list(cell.target.shared),
                            perturbation=cell.perturbation.label, noise_seed=seed, applied=applied)
             row.update(metrics, seconds=time.perf_counter() - t0)
             append_row(results_path, row)
@@ -449,12 +485,13 @@ def build_sensitivity(rows: Sequence[dict], counts: Sequence[Sequence[int] | Non
     for i, c in enumerate(counts):
         if c is None:
             layers.append({"layer": i, "moe": False, "score": None, "selection_frequency": None, "kl": {},
-                           "delta_ppl": {}, "delta_acc": {}, "experts": None})
+                           "delta_ppl": {}, "delta_acc": {}, "experts": None, "shared": None})
             continue
         mine = {p: f for (t, p), f in figures.items() if t == f"L{i}:all"}
         experts = [{"expert": e, "score": figures[(f"L{i}:E{e}", gptq_label)]["kl"],
                     "delta_ppl": figures[(f"L{i}:E{e}", gptq_label)]["delta_ppl"]}
                    for e in range(len(c)) if (f"L{i}:E{e}", gptq_label) in figures]
+        shared = figures.get((f"L{i}:shared", gptq_label))
         total = sum(c)
         layers.append({"layer": i, "moe": True, "score": mine.get(score_label, {}).get("kl"),
                        "selection_frequency": [n / total if total else 0.0 for n in c],
@@ -462,7 +499,8 @@ def build_sensitivity(rows: Sequence[dict], counts: Sequence[Sequence[int] | Non
                        "delta_ppl": {p: mine[p]["delta_ppl"] for p in _perturbation_order(set(mine))},
                        "delta_acc": {p: mine[p]["delta_acc"] for p in _perturbation_order(set(mine))
                                      if "delta_acc" in mine[p]},
-                       "experts": experts or None})
+                       "experts": experts or None,
+                       "shared": {"score": shared["kl"], "delta_ppl": shared["delta_ppl"]} if shared else None})
     thirds = {}
     for r in rows:
         if r.get("group") == "third" and r["target"] not in thirds:
@@ -542,6 +580,11 @@ def _third_comparison(doc: dict) -> str:
         parts.append(f"Under {doc['score_perturbation']} of one layer's experts alone, layer {hi['layer']} is the "
                      f"most sensitive (KL ×1e3 {1e3 * hi['score']:.3f}) and layer {lo['layer']} the least "
                      f"({1e3 * lo['score']:.3f}).")
+    shared_ratios = [layer["shared"]["score"] / layer["score"] for layer in scored
+                     if layer.get("shared") and layer["score"] > 0]
+    if shared_ratios:
+        parts.append(f"A layer's shared experts alone cost a median {float(np.median(shared_ratios)):.2f}× the KL of "
+                     f"all its routed experts under {doc['score_perturbation']} ({len(shared_ratios)} layers).")
     return " ".join(parts)
 
 
@@ -569,14 +612,15 @@ def write_outputs(rows: Sequence[dict], counts: Sequence[Sequence[int] | None], 
         "SZ3's error is about uniform on ±bound); `gptq@b` copies the target's experts from one b-bit GPTQ run of "
         f"the whole model (group size {s['group_size']}) into the FP model. Targets: `top1` the layer's most often "
         "selected expert, `topk` its top-k (k = the model's top-k), `all` every expert of the layer, `third:*` every "
-        "expert of the first / middle / last third of the MoE layers.", "",
+        "expert of the first / middle / last third of the MoE layers; `shared` the layer's shared experts alone "
+        "(every other target holds routed experts only).", "",
         "## Comparison with the study", "", _third_comparison(doc), "",
         f"![heatmaps of KL, ΔPPL and suite accuracy]({HEATMAP_FILE})", "",
         "## KL(FP‖cell) ×1e3, layer by layer", ""]
     groups = [g for g in ("top1", "topk", "all") if any(r.get("group") == g for r in rows)]
     header = ["target", *labels]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    targets = list(dict.fromkeys(r["target"] for r in rows if r.get("group") in (*groups, "third")))
+    targets = list(dict.fromkeys(r["target"] for r in rows if r.get("group") in (*groups, "third", "shared")))
     for t in targets:
         lines.append("| " + " | ".join([t, *[f"{1e3 * figures[(t, lab)]['kl']:.3f}" if (t, lab) in figures else "–"
                                               for lab in labels]]) + " |")

@@ -3,12 +3,21 @@
     python scripts/bench_peers.py --models tiny-mixtral tiny-qwen-moe --schemes w2g64 w4g64 --repeats 2 \\
         --threads 1 --json docs/peers.json --markdown docs/peers.md
 
+Accuracy over calibration seeds, the paper's setting (2-bit experts, 4-bit attention), one run per seed, then one table::
+
+    for s in 0 1 2; do python scripts/bench_peers.py --models tiny-mixtral --schemes w2a4g128 --seed $s \\
+        --methods eacmoe-gptq eacmoe-default gptqmodel-matched --repeats 1 --threads 1 --json s$s.json; done
+    python scripts/bench_peers.py --from-json s0.json s1.json s2.json --seed-summary --markdown seeds.md
+
 For every model and scheme (bits of experts and attention, group size; the router and the LM head stay FP in
 every method) the same calibration tokens (``eacmoe.calibration.get_calibration_data``: ``--calib``, ``--nsamples``
 x ``--seqlen``, ``--seed``) are handed to each method in turn, each in its own subprocess, so that wall time and
 peak resident memory (the kernel's ``ru_maxrss`` of that child, read with ``os.wait4``) belong to that method alone:
 
-- ``eacmoe-gptq`` / ``eacmoe-qesc``: ``python -m eacmoe.quantize --method gptq|qesc`` (packed export);
+- ``eacmoe-gptq`` / ``eacmoe-qesc``: ``python -m eacmoe.quantize --method gptq|qesc --grid minmax`` (packed export),
+  the peers' grid, so that these rows compare like for like;
+- ``eacmoe-default``: ``python -m eacmoe.quantize`` with its own defaults (QESC and the ``--grid mse`` range search),
+  what a user gets; for accuracy against the peers at the same bits;
 - ``gptqmodel-default``: GPTQModel's defaults (sym, damp 0.05, act_group_aware, FailSafe RTN for modules that get
   under 0.5% of the calibration tokens, offload to disk, batch 1) with our bits and group size;
 - ``gptqmodel-matched``: GPTQModel with our settings (asym, damp = ours, act_group_aware off, desc_act as ours,
@@ -65,18 +74,61 @@ GPTQMODEL_FALLBACK = "RTN below 0.5% of calibration tokens (GPTQModel default, k
 # ------------------------------------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Scheme:
-    """Bits of every quantized Linear (experts and attention) and the group size."""
+    """Bits of the quantized Linears (experts and dense MLPs; attention ``attn_bits``) and the group size."""
     name: str
-    bits: int
+    bits: int                      # the experts' width (with ``paper_schedule``: the lower one, 2)
     group_size: int
+    attn_bits: int | None = None   # None: attention at ``bits`` too
+    paper_schedule: bool = False   # experts at EAC-MoE's 2.5: the first half of the layers 3-bit, the rest 2-bit
+
+    @property
+    def attention_bits(self) -> int:
+        return self.bits if self.attn_bits is None else self.attn_bits
+
+    @property
+    def expert_bits(self) -> str:
+        """The experts' ``--bits`` of eacmoe.quantize."""
+        return "2.5" if self.paper_schedule else str(self.bits)
 
 
 def parse_scheme(text: str) -> Scheme:
-    """``w2g64`` -> 2-bit, group 64; ``w4g-1`` -> 4-bit per channel."""
-    match = re.fullmatch(r"w([2348])g(-1|\d+)", text)
+    """``w2g64`` -> every Linear 2-bit, group 64; ``w2a4g128`` -> experts 2-bit, attention 4-bit, group 128;
+    ``w2.5a4g128`` -> experts on the paper's 2.5 schedule; ``w4g-1`` -> 4-bit per channel."""
+    match = re.fullmatch(r"w([2348]|2\.5)(?:a([2348]))?g(-1|\d+)", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"scheme {text!r}: expected wBgG, e.g. w2g64 or w4g-1")
-    return Scheme(text, int(match.group(1)), int(match.group(2)))
+        raise argparse.ArgumentTypeError(f"scheme {text!r}: expected wBgG or wBaAgG (B one of 2, 2.5, 3, 4, 8), "
+                                         "e.g. w2g64, w2a4g128, w2.5a4g128 or w4g-1")
+    paper = match.group(1) == "2.5"
+    if paper and not match.group(2):
+        raise argparse.ArgumentTypeError(f"scheme {text!r}: the 2.5 schedule needs the attention width (w2.5a4gG)")
+    return Scheme(text, 2 if paper else int(match.group(1)), int(match.group(3)),
+                  int(match.group(2)) if match.group(2) else None, paper)
+
+
+def attention_bits_args(scheme: Scheme) -> list[str]:
+    """A peer worker's ``--attn-bits`` when attention differs from the experts, and ``--paper-schedule`` for the
+    2.5 schedule (else nothing: the command, and so a recorded run's reuse key, stays what it was before schemes
+    had attention bits)."""
+    return ([] if scheme.attn_bits is None else ["--attn-bits", str(scheme.attn_bits)]) + \
+        (["--paper-schedule"] if scheme.paper_schedule else [])
+
+
+ATTENTION_PATTERN = r".*\.self_attn\..*"  # every attention Linear of the supported families (module paths)
+
+
+def layer_mlp_pattern(layer: int) -> str:
+    return rf".*\.layers\.{layer}\.mlp\..*"
+
+
+def gptqmodel_dynamic(attn_bits: int | None, layer_bits: Sequence[int] | None = None,
+                      bits: int | None = None) -> dict | None:
+    """GPTQModel's ``dynamic`` overrides: attention at its own width, and every layer whose MLP / experts width
+    (``layer_bits``) differs from the default ``bits`` (None: no override)."""
+    dynamic = {} if attn_bits is None else {f"+:{ATTENTION_PATTERN}": {"bits": attn_bits}}
+    for layer, width in enumerate(layer_bits or []):
+        if width != bits:
+            dynamic[f"+:{layer_mlp_pattern(layer)}"] = {"bits": width}
+    return dynamic or None
 
 
 @dataclass
@@ -106,21 +158,22 @@ class Method:
     python: Callable[[Job], str] = lambda job: sys.executable
 
 
-def _eacmoe(method: str) -> Method:
+def _eacmoe(method: str, grid: str = "minmax", name: str | None = None) -> Method:
     def command(job: Job) -> list[str]:
         return [sys.executable, "-m", "eacmoe.quantize", "--model", job.model_dir, "--method", method,
-                "--bits", str(job.scheme.bits), "--attn-bits", str(job.scheme.bits),
+                "--bits", job.scheme.expert_bits, "--attn-bits", str(job.scheme.attention_bits),
                 "--group-size", str(job.scheme.group_size), "--calib", job.calib, "--nsamples", str(job.nsamples),
                 "--seqlen", str(job.seqlen), "--seed", str(job.seed), "--threads", str(job.threads),
                 "--eval-samples", "1", "--eval-seqlen", "16", "--out", job.out_dir, "--overwrite",
-                "--grid", "minmax",  # the peers' grid (GPTQModel mse=0, llm-compressor's minmax observer)
+                "--grid", grid,  # minmax: the peers' grid (GPTQModel mse=0, llm-compressor's minmax observer)
                 *(["--dtype", "bfloat16"] if is_real_shape_slice(job.model_dir) else [])]  # else auto: fp32 on CPU
 
     def settings(job: Job) -> str:
         extra = ", router TopK-MSE calibration" if method == "qesc" else ""
-        return (f"{model_dtype(job.model_dir)} model, asym, min/max grid, damp {job.damp_percent}, no act-order, block 128, batch 8; "
-                f"experts under their input width in tokens use the layer's pooled tokens{extra}")
-    return Method(f"eacmoe-{method}", "eacmoe", command, settings)
+        grid_text = "min/max grid" if grid == "minmax" else "range-search (mse) grid"
+        return (f"{model_dtype(job.model_dir)} model, asym, {grid_text}, damp {job.damp_percent}, no act-order, "
+                f"block 128, batch 8; experts under their input width in tokens use the layer's pooled tokens{extra}")
+    return Method(name or f"eacmoe-{method}", "eacmoe", command, settings)
 
 
 def _gptqmodel(preset: str) -> Method:
@@ -129,7 +182,8 @@ def _gptqmodel(preset: str) -> Method:
         return [sys.executable, str(SCRIPT), "--worker", "gptqmodel", "--preset", preset, "--model-dir",
                 job.model_dir, "--calib-file", job.calib_file, "--out-dir", job.out_dir,
                 "--bits", str(job.scheme.bits), "--group-size", str(job.scheme.group_size),
-                "--damp", str(job.damp_percent), "--threads", str(job.threads), *dtype]
+                "--damp", str(job.damp_percent), "--threads", str(job.threads), *dtype,
+                *attention_bits_args(job.scheme)]
 
     def settings(job: Job) -> str:
         if preset == "default":
@@ -145,7 +199,7 @@ def _llmcompressor() -> Method:
         return [job.llmc_python, str(SCRIPT), "--worker", "llmcompressor", "--model-dir", job.model_dir,
                 "--calib-file", job.calib_file, "--out-dir", job.out_dir, "--bits", str(job.scheme.bits),
                 "--group-size", str(job.scheme.group_size), "--damp", str(job.damp_percent),
-                "--threads", str(job.threads)]
+                "--threads", str(job.threads), *attention_bits_args(job.scheme)]
 
     def settings(job: Job) -> str:
         return (f"asym, dampening_frac {job.damp_percent}, actorder off, block 128, all experts calibrated on all "
@@ -154,7 +208,8 @@ def _llmcompressor() -> Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    _eacmoe("gptq"), _eacmoe("qesc"), _gptqmodel("default"), _gptqmodel("matched"), _llmcompressor())}
+    _eacmoe("gptq"), _eacmoe("qesc"), _eacmoe("qesc", "mse", "eacmoe-default"), _gptqmodel("default"),
+    _gptqmodel("matched"), _llmcompressor())}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -327,15 +382,55 @@ def settings_table(rows: list[dict]) -> str:
     return "\n".join(["| method | settings |", "|---|---|", *(f"| {m} | {s} |" for m, s in seen.items())])
 
 
+COMPARABLE_SETTINGS = ("calib", "nsamples", "seqlen", "seed", "eval_samples", "eval_seqlen", "damp", "threads")
+
+
+def _check_comparable(results: list[dict], ignore: tuple[str, ...] = ()) -> None:
+    first = results[0]["meta"]
+    for other in results[1:]:
+        for key in COMPARABLE_SETTINGS:
+            if key not in ignore and other["meta"][key] != first[key]:
+                raise SystemExit(f"error: --from-json: runs differ in {key} ({first[key]} vs {other['meta'][key]})")
+
+
+def seed_summary(results: list[dict], source: str = "bundled-test") -> str:
+    """Runs that differ only in their calibration seed as one Markdown table: per (model, scheme, method) the mean
+    ± sd over seeds of ``source``'s perplexity and KL, and the share of eacmoe-gptq's gap to FP each method closes,
+    ``(ppl_eacmoe-gptq - ppl) / (ppl_eacmoe-gptq - ppl_FP)`` paired by seed (the qesc_experiments measure)."""
+    _check_comparable(results, ignore=("seed",))
+    seeds = [r["meta"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seed-summary: each run needs its own seed (got {seeds})")
+    found: dict[tuple, dict[int, dict]] = {}   # (model, scheme, method) -> seed -> that run's metrics
+    for result, seed in zip(results, seeds):
+        for row in result["rows"]:
+            if not row.get("error") and source in (row.get("eval") or {}):
+                found.setdefault((row["model"], row["scheme"], row["method"]), {})[seed] = row["eval"][source]
+
+    def spread(values: list[float], digits: int) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.{digits}f}" if values else "-"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    lines = [f"Over calibration seeds {', '.join(map(str, seeds))} (`{source}`; gap closed = share of eacmoe-gptq's "
+             "perplexity gap to FP, paired by seed):", "",
+             "| model | scheme | method | seeds | ppl | KL x1e3 | gap closed % |", "|---|---|---|---:|---:|---:|---:|"]
+    for (model, scheme, method), by_seed in found.items():
+        fp, ref = found.get((model, scheme, "fp"), {}), found.get((model, scheme, REFERENCE_METHOD), {})
+        paired = [s for s in by_seed if s in fp and s in ref and ref[s]["ppl"] != fp[s]["ppl"]]
+        closed = [100 * (ref[s]["ppl"] - by_seed[s]["ppl"]) / (ref[s]["ppl"] - fp[s]["ppl"]) for s in paired]
+        lines.append(f"| {model} | {scheme} | {method} | {len(by_seed)} | "
+                     f"{spread([m['ppl'] for m in by_seed.values()], 2)} | "
+                     f"{spread([1e3 * m['kl'] for m in by_seed.values()], 1)} | "
+                     f"{'-' if method == 'fp' else spread(closed, 1)} |")
+    return "\n".join(lines)
+
+
 def merge_results(results: list[dict]) -> dict:
     """Several runs' results as one: rows concatenated (their ratios recomputed against the merged rows, so a
     peer run on its own gets its ratio to eacmoe's run), sources and versions united, every command kept (the
     settings that make rows comparable, calibration and held-out windows, must agree)."""
+    _check_comparable(results)
     first = results[0]["meta"]
-    for other in results[1:]:
-        for key in ("calib", "nsamples", "seqlen", "seed", "eval_samples", "eval_seqlen", "damp", "threads"):
-            if other["meta"][key] != first[key]:
-                raise SystemExit(f"error: --from-json: runs differ in {key} ({first[key]} vs {other['meta'][key]})")
     meta = {**first, "command": "; ".join(f"`{r['meta']['command']}`" for r in results).strip("`"),
             "machine": "; ".join(dict.fromkeys(r["meta"]["machine"] for r in results)),
             "versions": {k: v for r in results for k, v in r["meta"]["versions"].items()}}
@@ -419,12 +514,20 @@ def worker_gptqmodel(args) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.chdir(out_dir.parent)  # GPTQModel writes logs/ into the working directory: keep it beside the export
     args.out_dir, args.calib_file = str(out_dir), str(calib_file)
+    layer_bits = None
+    if args.paper_schedule:  # EAC-MoE's 2.5: eacmoe's own rule for the per-layer widths
+        from eacmoe.schedule import parse_expert_bits
+        from transformers import AutoConfig
+
+        layer_bits = parse_expert_bits("2.5", AutoConfig.from_pretrained(args.model_dir).num_hidden_layers)
+    dynamic = gptqmodel_dynamic(args.attn_bits, layer_bits, args.bits)
+    dynamic = {"dynamic": dynamic} if dynamic else {}
     if args.preset == "default":
-        qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size)
+        qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, **dynamic)
         batch = 1
     else:
         qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=False, desc_act=False,
-                              act_group_aware=False, damp_percent=args.damp, offload_to_disk=False)
+                              act_group_aware=False, damp_percent=args.damp, offload_to_disk=False, **dynamic)
         batch = 8
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)  # None: GPTQModel's auto (bf16)
     model = GPTQModel.load(args.model_dir, qcfg, device="cpu", **({"dtype": dtype} if dtype else {}))
@@ -463,6 +566,8 @@ def worker_llmcompressor(args) -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.paper_schedule:
+        raise SystemExit("bench_peers: the llm-compressor rows support uniform expert bits only (no 2.5 schedule)")
     torch.set_num_threads(args.threads)
     ids = torch.load(args.calib_file)
     _drop_unimportable_transformers_aliases()
@@ -473,10 +578,15 @@ def worker_llmcompressor(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    weights = {"num_bits": args.bits, "type": "int", "symmetric": False,
-               "strategy": "group" if args.group_size > 0 else "channel",
-               "group_size": args.group_size if args.group_size > 0 else None}
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+    def weights(bits: int) -> dict:
+        return {"num_bits": bits, "type": "int", "symmetric": False,
+                "strategy": "group" if args.group_size > 0 else "channel",
+                "group_size": args.group_size if args.group_size > 0 else None}
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights(args.bits)}}
+    if args.attn_bits is not None:  # two disjoint groups: attention, and every MLP / expert Linear
+        groups = {"attention": {"targets": [f"re:{ATTENTION_PATTERN}"], "weights": weights(args.attn_bits)},
+                  "mlp": {"targets": [r"re:.*\.mlp\..*"], "weights": weights(args.bits)}}
+    recipe = GPTQModifier(config_groups=groups,
                           ignore=["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"],
                           dampening_frac=args.damp, block_size=128, actorder=None)  # its default: static
     t0 = time.perf_counter()
@@ -740,7 +850,7 @@ def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
         jobs[name] = Job(model=Path(model).name, model_dir=model_dir, scheme=scheme, calib_file=str(calib_file),
                          out_dir="", threads=threads, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib,
                          seed=args.seed, damp_percent=args.damp, llmc_python=llmc_python or "")
-        rows[name] = {"model": Path(model).name, "scheme": scheme.name, "bits": scheme.bits,
+        rows[name] = {"model": Path(model).name, "scheme": scheme.name, "bits": scheme.bits if not scheme.paper_schedule else 2.5,
                       "group_size": scheme.group_size, "method": name, "settings": method.settings(jobs[name]),
                       "runs": []}
         if llmc_error:
@@ -809,7 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen-moe"],
                    help="bundled model names or model directories (any Mixtral/Qwen-MoE checkpoint)")
     p.add_argument("--schemes", nargs="+", type=parse_scheme, default=[parse_scheme("w2g64"), parse_scheme("w4g64")],
-                   help="wBgG: B bits for experts and attention, group size G (-1 = per channel)")
+                   help="wBgG: B bits for experts and attention, group size G (-1 = per channel); wBaAgG: "
+                        "attention A bits (e.g. w2a4g128: the paper's 2-bit experts with 4-bit attention; "
+                        "w2.5a4g128: experts on the paper's 2.5 schedule)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods, in run order")
     p.add_argument("--calib", default="bundled", help="calibration text (eacmoe.calibration source)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
@@ -834,6 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="write the table as Markdown here")
     p.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                    help="measure nothing: merge these --json results (e.g. one run per model) into --markdown / --json")
+    p.add_argument("--seed-summary", action="store_true",
+                   help="with --from-json runs that differ only in --seed: one table of mean ± sd over the seeds and "
+                        "the share of eacmoe-gptq's gap to FP each method closes, paired by seed (to --markdown)")
     p.add_argument("--baselines", action="store_true",
                    help="measure nothing else: the peak RSS of each stack importing itself and loading the first "
                         "--models model in fp32 (the floor under the table's peaks)")
@@ -844,6 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--fp-model", "--q-model", "--loader"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--bits", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--attn-bits", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--paper-schedule", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     return p
@@ -856,6 +973,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.worker:
         WORKERS[args.worker](args)
+        return 0
+    if args.from_json and args.seed_summary:
+        table = seed_summary([json.loads(Path(f).read_text()) for f in args.from_json])
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        print(table)
         return 0
     if args.from_json:
         result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])

@@ -389,6 +389,25 @@ PER_EXPERT_MUTANTS = [
 ]
 MUTANTS += PER_EXPERT_MUTANTS
 
+# ------------------------------------------- shared experts in the sensitivity file and the allocation (issue #14)
+SENS = "eacmoe/sensitivity.py"
+SHARED_SENSITIVITY_TESTS = ("tests/test_sensitivity.py", "-k", "shared")
+SHARED_ALLOCATION_TESTS = ("tests/test_bit_allocation.py", "tests/test_per_expert_bits.py", "-k", "shared")
+SHARED_MUTANTS = [
+    Mutant("SH1", SENS, "            linear.weight.data.copy_(perturb(linear.weight.data, quantized))",
+           "            perturb(linear.weight.data, quantized)", "the shared-expert target perturbs nothing",
+           SHARED_SENSITIVITY_TESTS),
+    Mutant("SH2", SENS, "            linear.weight.data.copy_(weight)", "            pass",
+           "the shared experts are not restored after their cell", SHARED_SENSITIVITY_TESTS),
+    Mutant("SH3", SENS, '"expert": gptq, "shared": gptq}', '"expert": gptq, "shared": noise}',
+           "the shared target gets noise cells instead of GPTQ ones", SHARED_SENSITIVITY_TESTS),
+    Mutant("SH4", BA, "((_shared_score(layer) or 0.0) if with_shared else 0.0)", "0.0",
+           "the per-layer score leaves out the layer's shared experts", SHARED_ALLOCATION_TESTS),
+    Mutant("SH5", BA, "        if n and layer.rest and _shared_score(entry) is not None:", "        if False:",
+           "the per-module allocation ignores the shared cell", SHARED_ALLOCATION_TESTS),
+]
+MUTANTS += SHARED_MUTANTS
+
 
 def copy_project(dest: Path) -> None:
     for name in COPIED:

@@ -35,7 +35,7 @@ from eacmoe.expert_shift import measure_expert_shift, measure_fp_reference  # no
 from eacmoe.heldout import heldout_sequences  # noqa: E402
 from eacmoe.job_checks import check_group_size_for_model  # noqa: E402
 from eacmoe.pipeline import LayerwiseQuantizer, QuantizeConfig  # noqa: E402
-from eacmoe.schedule import parse_expert_bits  # noqa: E402
+from eacmoe.schedule import parse_bits_schedule  # noqa: E402
 from eacmoe.sparse_experts import SPARSE_EXPERT_POLICIES  # noqa: E402
 from eacmoe.threads import add_threads_argument, command_line, set_threads  # noqa: E402
 from eacmoe.workflow import bits_account, load_model  # noqa: E402
@@ -90,9 +90,27 @@ PER_EXPERT_SUFFIX = "+experts"  # "auto:B+experts" = --bits auto:B --per-expert-
 
 
 def _bits_rank(bits: str) -> tuple[float, str]:
-    """Sort key of a bits label: numbers by value, "auto:B" right after B, "auto:B+experts" after it."""
+    """Sort key of a bits label: numbers by value, "auto:B" right after B, "auto:B+experts" after it, explicit
+    schedules last."""
     number = bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)
-    return (float(number), bits)
+    try:
+        return (float(number), bits)
+    except ValueError:
+        return (math.inf, bits)
+
+
+def short_bits(bits: str) -> str:
+    """A bits label for the tables: an explicit per-layer or per-module schedule with runs of one width written
+    ``2x32`` and one entry for all layers when they are equal ("4:2x32 (all 8 layers)")."""
+    if "," not in bits:
+        return bits
+
+    def entry(text: str) -> str:
+        shared, colon, routed = text.rpartition(":")
+        widths = routed.split("/")
+        return f"{shared}{colon}{widths[0]}x{len(widths)}" if len(widths) > 1 and len(set(widths)) == 1 else text
+    entries = [entry(e) for e in bits.split(",")]
+    return f"{entries[0]} (all {len(entries)} layers)" if len(set(entries)) == 1 else ",".join(entries)
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 
@@ -217,8 +235,9 @@ def schedule_for(bits: str, fp_model, model_name: str, args) -> dict:
     """The QuantizeConfig schedule fields of a bits label; "auto:B" is allocated per layer from the model's
     sensitivity file, "auto:B+experts" per routed expert (--per-expert-bits)."""
     num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
-    if not bits.startswith("auto:"):
-        return {"expert_bits": parse_expert_bits(bits, num_layers)}
+    if not bits.startswith("auto:"):  # a uniform, per-layer or explicit per-module schedule (eacmoe.schedule)
+        layer_bits, routed = parse_bits_schedule(bits, num_layers)
+        return {"expert_bits": layer_bits, "routed_expert_bits": routed}
     from eacmoe.bit_allocation import auto_expert_bits
 
     files = dict(item.split("=", 1) for item in args.sensitivity)
@@ -328,22 +347,25 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
         lines.append(f"| {model} | {setting} | {bits} | FP | 1 | {fp_ppl:.2f} | 100 | 0 | – | – |")
         methods = sorted({method for (m, s, b, method) in groups if (m, s, b) == (model, setting, bits)},
                          key=_method_rank)
-        # GPTQ at the same bits; for auto:B without its own GPTQ rows, GPTQ with the paper's B schedule
-        gptq_bits = (bits if (model, setting, bits, "gptq") in groups
-                     else bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX))
-        for method in methods:
-            runs = groups[(model, setting, bits, method)]
-            pairs = [(r, g) for r in runs if (g := by_key.get(json.dumps(
-                {**r["key"], "method": "gptq", "bits": gptq_bits}, sort_keys=True))) is not None]
-            if not pairs or method == "rtn":
-                continue
-            closed = [100 * (ppl(g) - ppl(r)) / (ppl(g) - fp_ppl) for r, g in pairs]
-            oracle = [r["bundled-test"]["ppl"]["q/fp"] for r in runs]
-            label = method if gptq_bits == bits else f"{method} (vs GPTQ at {gptq_bits})"
-            lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | "
-                         f"{_mean_spread([ppl(r) for r, _ in pairs], 2)} | {_mean_spread(closed, 1)} | "
-                         f"{_mean_spread([kl(r) for r, _ in pairs], 2)} | "
-                         f"{_mean_spread([kl(r) - kl(g) for r, g in pairs], 2)} | {_mean_spread(oracle, 2)} |")
+        # GPTQ at the same bits and, for auto:B, also GPTQ with the paper's B schedule: the plain baseline at the
+        # same average bits
+        baselines = [bits] if (model, setting, bits, "gptq") in groups else []
+        if bits.startswith("auto:"):
+            baselines.append(bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX))
+        for gptq_bits in baselines:
+            for method in methods:
+                runs = groups[(model, setting, bits, method)]
+                pairs = [(r, g) for r in runs if (g := by_key.get(json.dumps(
+                    {**r["key"], "method": "gptq", "bits": gptq_bits}, sort_keys=True))) is not None]
+                if not pairs or method == "rtn":
+                    continue
+                closed = [100 * (ppl(g) - ppl(r)) / (ppl(g) - fp_ppl) for r, g in pairs]
+                oracle = [r["bundled-test"]["ppl"]["q/fp"] for r in runs]
+                label = method if gptq_bits == bits else f"{method} (vs GPTQ at {gptq_bits})"
+                lines.append(f"| {model} | {setting} | {bits} | {label} | {len(pairs)} | "
+                             f"{_mean_spread([ppl(r) for r, _ in pairs], 2)} | {_mean_spread(closed, 1)} | "
+                             f"{_mean_spread([kl(r) for r, _ in pairs], 2)} | "
+                             f"{_mean_spread([kl(r) - kl(g) for r, g in pairs], 2)} | {_mean_spread(oracle, 2)} |")
     return lines
 
 
@@ -432,7 +454,8 @@ def load_rows(results_path: Path) -> list[dict]:
 
 
 def write_markdown(results_path: Path, md_path: Path) -> None:
-    rows = load_rows(results_path)
+    rows = [{**r, "key": {**r["key"], "bits": short_bits(r["key"]["bits"])}} if "bits" in r["key"] else r
+            for r in load_rows(results_path)]
     commands_path = results_path.with_name("commands.txt")
     commands = list(dict.fromkeys(commands_path.read_text().splitlines())) if commands_path.exists() else []
     groups: dict[tuple, list[dict]] = {}

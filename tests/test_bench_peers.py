@@ -181,3 +181,89 @@ def test_a_real_shape_slice_is_cost_only(bp, tmp_path):
     row = {**canned_rows()[0], "eval_skipped": bp.SLICE_NOTE, "time_ratio": 1.0, "cpu_ratio": 1.0, "peak_ratio": 1.0}
     line = bp.markdown_table([row], ["bundled-test", "wikitext2"]).splitlines()[-1]
     assert line.count("not measured (cost only)") == 2 and "50.00" not in line
+
+
+def test_eacmoe_rows_use_the_peers_grid_and_the_default_row_the_cli_defaults(bp, tmp_path):
+    from eacmoe.quantize import build_parser
+
+    job = bp.Job(model="m", model_dir=str(tmp_path), scheme=bp.parse_scheme("w2g64"), calib_file="c", out_dir="o",
+                 threads=1, nsamples=4, seqlen=8, calib="bundled", seed=0, damp_percent=0.01, llmc_python="p")
+    like_for_like = build_parser().parse_args(bp.METHODS["eacmoe-qesc"].command(job)[3:])
+    default = build_parser().parse_args(bp.METHODS["eacmoe-default"].command(job)[3:])
+    cli_defaults = build_parser().parse_args([])
+    assert (like_for_like.method, like_for_like.grid) == ("qesc", "minmax")
+    assert (default.method, default.grid) == (cli_defaults.method, cli_defaults.grid) == ("qesc", "mse")
+    assert default.bits == "2" and default.attn_bits == 2 and default.group_size == 64
+
+
+def test_a_scheme_with_attention_bits_reaches_every_method(bp, tmp_path):
+    from gptqmodel import QuantizeConfig
+
+    from eacmoe.quantize import build_parser
+
+    scheme = bp.parse_scheme("w2a4g128")
+    assert (scheme.bits, scheme.attention_bits, scheme.group_size) == (2, 4, 128)
+    assert bp.parse_scheme("w2g64").attention_bits == 2
+    with pytest.raises(Exception, match="wBaAgG"):
+        bp.parse_scheme("w2a5g64")
+    job = bp.Job(model="m", model_dir=str(tmp_path), scheme=scheme, calib_file="c", out_dir="o", threads=1,
+                 nsamples=4, seqlen=8, calib="bundled", seed=0, damp_percent=0.01, llmc_python="p")
+    eacmoe_args = build_parser().parse_args(bp.METHODS["eacmoe-gptq"].command(job)[3:])
+    assert (eacmoe_args.bits, eacmoe_args.attn_bits) == ("2", 4)
+    for name in ("gptqmodel-matched", "gptqmodel-default", "llmcompressor-gptq"):
+        worker = bp.build_parser().parse_args(bp.METHODS[name].command(job)[2:])
+        assert (worker.bits, worker.attn_bits) == (2, 4), name
+    # GPTQModel's own matching of the override: attention 4-bit, experts and shared experts at the default 2
+    qcfg = QuantizeConfig(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4))
+    assert qcfg.dynamic_get("model.layers.3.self_attn.o_proj", "bits") == 4
+    assert qcfg.dynamic_get("model.layers.3.mlp.experts.7.down_proj", "bits") is None
+    assert qcfg.dynamic_get("model.layers.3.mlp.shared_expert.up_proj", "bits") is None
+    # without attention bits the commands are the ones recorded before (their runs stay reusable)
+    plain = bp.Job(**{**job.__dict__, "scheme": bp.parse_scheme("w2g128")})
+    assert "--attn-bits" not in bp.METHODS["gptqmodel-matched"].command(plain)
+
+
+def test_seed_summary_pairs_each_method_with_eacmoe_gptq_of_the_same_seed(bp):
+    meta = {"command": "c", "machine": "2 cores", "calib": "bundled", "nsamples": 128, "seqlen": 256, "seed": 0,
+            "eval_samples": 16, "eval_seqlen": 256, "damp": 0.01, "threads": 1, "versions": {}}
+
+    def run(seed: int, gptq: float, peer: float) -> dict:
+        ev = lambda ppl, kl: {"bundled-test": {"ppl": ppl, "kl": kl, "tokens": 100}}  # noqa: E731
+        return {"meta": {**meta, "seed": seed}, "sources": ["bundled-test"], "rows": [
+            {"model": "m", "scheme": "w2a4g64", "method": "fp", "eval": ev(40.0, 0.0)},
+            {"model": "m", "scheme": "w2a4g64", "method": "eacmoe-gptq", "eval": ev(gptq, 0.1)},
+            {"model": "m", "scheme": "w2a4g64", "method": "gptqmodel-matched", "eval": ev(peer, 0.2)},
+            {"model": "m", "scheme": "w2a4g64", "method": "llmcompressor-gptq", "error": "ImportError: x"}]}
+    # seed 0: (50 - 45) / (50 - 40) = 50%; seed 1: (60 - 57) / (60 - 40) = 15%; a naive pooling would differ
+    table = bp.seed_summary([run(0, 50.0, 45.0), run(1, 60.0, 57.0)])
+    assert "| m | w2a4g64 | gptqmodel-matched | 2 | 51.00 ± 8.49 | 200.0 ± 0.0 | 32.5 ± 24.7 |" in table
+    assert "| m | w2a4g64 | eacmoe-gptq | 2 | 55.00 ± 7.07 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in table
+    assert "llmcompressor" not in table
+    with pytest.raises(SystemExit, match="nsamples"):
+        bp.seed_summary([run(0, 50.0, 45.0), {**run(1, 60.0, 57.0), "meta": {**meta, "seed": 1, "nsamples": 16}}])
+    with pytest.raises(SystemExit, match="its own seed"):
+        bp.seed_summary([run(0, 50.0, 45.0), run(0, 60.0, 57.0)])
+
+
+def test_the_papers_two_and_a_half_schedule_reaches_eacmoe_and_gptqmodel_as_the_same_widths(bp, tmp_path):
+    from gptqmodel import QuantizeConfig
+
+    from eacmoe.quantize import build_parser
+    from eacmoe.schedule import parse_expert_bits
+
+    scheme = bp.parse_scheme("w2.5a4g128")
+    assert (scheme.bits, scheme.attention_bits, scheme.paper_schedule, scheme.expert_bits) == (2, 4, True, "2.5")
+    with pytest.raises(argparse.ArgumentTypeError, match="attention width"):
+        bp.parse_scheme("w2.5g128")
+    job = bp.Job(model="m", model_dir=str(tmp_path), scheme=scheme, calib_file="c", out_dir="o", threads=1,
+                 nsamples=4, seqlen=8, calib="bundled", seed=0, damp_percent=0.01, llmc_python="p")
+    assert build_parser().parse_args(bp.METHODS["eacmoe-gptq"].command(job)[3:]).bits == "2.5"
+    worker = bp.build_parser().parse_args(bp.METHODS["gptqmodel-matched"].command(job)[2:])
+    assert worker.paper_schedule and (worker.bits, worker.attn_bits) == (2, 4)
+    layer_bits = parse_expert_bits("2.5", 8)                      # eacmoe's widths: [3, 3, 3, 3, 2, 2, 2, 2]
+    qcfg = QuantizeConfig(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4, layer_bits, 2))
+    for layer, width in enumerate(layer_bits):                    # GPTQModel's own matching of the overrides
+        assert (qcfg.dynamic_get(f"model.layers.{layer}.mlp.experts.5.up_proj", "bits") or 2) == width
+        assert (qcfg.dynamic_get(f"model.layers.{layer}.mlp.shared_expert.down_proj", "bits") or 2) == width
+        assert qcfg.dynamic_get(f"model.layers.{layer}.self_attn.k_proj", "bits") == 4
+    assert qcfg.dynamic_get("model.layers.13.mlp.experts.0.up_proj", "bits") is None  # not layer 1 or 3

@@ -113,6 +113,20 @@ def test_sensitivity_file_is_read_and_checked(tmp_path: Path) -> None:
         read_sensitivity_file(path, 2)
 
 
+def test_a_layers_shared_cell_adds_to_its_score_and_wins_it_the_bits(tmp_path: Path) -> None:
+    """Per layer, a width governs routed and shared experts alike, so the layer's loss is both cells' KL."""
+    from eacmoe.bit_allocation import allocation_from_sensitivities
+
+    doc = _sensitivity_doc([0.1, 0.2, None, 0.15])
+    doc["layers"][3]["shared"] = {"score": 0.5, "delta_ppl": 0.0}
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps(doc))
+    scores = read_sensitivity_file(path, 4)
+    assert scores == [0.1, 0.2, 0.2, pytest.approx(0.65)]  # the dense layer: the median of the MoE layers' totals
+    # equal layers, budget for one of them at 3 bits: the one whose shared experts are sensitive
+    assert allocation_from_sensitivities("auto:2.25", [10] * 4, scores, "test").bits == [2, 2, 2, 3]
+
+
 def test_the_bundled_sensitivity_files_give_the_documented_schedules() -> None:
     """docs/QUANTIZING.md's auto:2.5 schedules, from the committed sensitivity files and the real layer sizes."""
     from eacmoe.bit_allocation import auto_expert_bits
@@ -120,7 +134,7 @@ def test_the_bundled_sensitivity_files_give_the_documented_schedules() -> None:
     from eacmoe.lazy_loading import build_skeleton
 
     repo = Path(__file__).resolve().parent.parent
-    expected = {"tiny-mixtral": [3, 2, 2, 2, 2, 3, 3, 3], "tiny-qwen-moe": [3, 2, 2, 2, 3, 3, 3, 2]}
+    expected = {"tiny-mixtral": [3, 2, 2, 2, 2, 3, 3, 3], "tiny-qwen-moe": [3, 2, 2, 2, 2, 3, 3, 3]}
     for model, bits in expected.items():
         skeleton = build_skeleton(load_config(model), torch.float32)
         allocation = auto_expert_bits("auto:2.5", skeleton,

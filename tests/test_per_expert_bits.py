@@ -153,6 +153,26 @@ def test_per_expert_cells_are_read_by_expert_index(tmp_path: Path) -> None:
         read_expert_sensitivities(path, modules)
 
 
+def test_a_shared_cell_is_the_shared_experts_sensitivity(tmp_path: Path) -> None:
+    modules = [LayerModules((10,) * 3, 5), LayerModules((10,) * 3, 5)]
+    cells = [{"expert": e, "score": 0.1} for e in range(3)]
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps(_doc([
+        {"layer": 0, "moe": True, "score": 0.3, "experts": cells, "shared": {"score": 0.9, "delta_ppl": 0.1}},
+        {"layer": 1, "moe": True, "score": 0.3, "experts": cells}])))
+    proxy = [ModuleSensitivity((1.0, 1.0, 1.0), 6.0)] * 2
+    sens, how = read_expert_sensitivities(path, modules, "abc", proxy)
+    assert sens[0] == ModuleSensitivity((0.1, 0.1, 0.1), 0.9)           # measured: the cell, not the proxy
+    assert sens[1].rest == pytest.approx(0.6)                            # unmeasured: score x 6 / 3
+    assert "shared-expert cells in 1" in how and "their proxy" in how
+    assert file_needs_proxy(path, modules)                               # layer 1 still needs it
+    path.write_text(json.dumps(_doc([{"layer": 0, "moe": True, "score": 0.3, "experts": cells,
+                                      "shared": {"score": 0.9, "delta_ppl": 0.1}}])))
+    assert not file_needs_proxy(path, modules[:1])
+    sens, how = read_expert_sensitivities(path, modules[:1], "abc")
+    assert allocate_per_expert("auto:2.5", modules[:1], sens, how).bits == [4]  # 4 bits where the loss is
+
+
 def test_the_committed_tiny_mixtral_file_gives_a_per_expert_schedule_at_exactly_two_and_a_half() -> None:
     from eacmoe.lazy_loading import build_skeleton
     from eacmoe.workflow import load_config

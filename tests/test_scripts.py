@@ -329,3 +329,40 @@ def test_qesc_method_labels_and_their_paired_twins(tmp_path):
     assert "| m | experts | 2: qesc+weighted+fp-target − qesc+weighted | 2 | -0.500 ± 0.000 |" in gap
     assert "| m | experts | 2: qesc+fp-target − qesc | 2 | -0.500 ± 0.000 |" in gap
     assert "2: qesc+weighted − qesc | 2 | -1.000 ± 0.000 |" in gap
+
+
+def test_qesc_gap_table_compares_an_allocation_with_gptq_at_the_paper_schedule_too(tmp_path):
+    """`auto:B` rows get their share of the gap against GPTQ at auto:B and against GPTQ at the paper's B (the
+    plain baseline at the same average bits)."""
+    experiments = _load_script("qesc_experiments")
+
+    def row(method, bits, ppl):
+        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": ppl / 1e3},
+                 "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}
+        key = {"model": "m", "method": "fp"} if method == "fp" else {
+            "model": "m", "setting": "attn4", "bits": bits, "method": method, "seed": 0}
+        return {"key": key, "bundled-test": entry}
+
+    rows = [row("fp", None, 40.0), row("gptq", "2.5", 50.0), row("gptq", "auto:2.5", 46.0),
+            row("qesc+mse-grid", "auto:2.5", 44.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    gap = (tmp_path / "GAP.md").read_text()
+    assert "| m | attn4 | auto:2.5 | qesc+mse-grid | 1 | 44.00 | 33.3 |" in gap          # (46 - 44) / (46 - 40)
+    assert "| m | attn4 | auto:2.5 | gptq (vs GPTQ at 2.5) | 1 | 46.00 | 40.0 |" in gap   # (50 - 46) / (50 - 40)
+    assert "| m | attn4 | auto:2.5 | qesc+mse-grid (vs GPTQ at 2.5) | 1 | 44.00 | 60.0 |" in gap
+
+
+def test_qesc_explicit_schedules_are_short_in_the_tables(tmp_path):
+    experiments = _load_script("qesc_experiments")
+    every_layer = ",".join(["4:" + "/".join(["2"] * 32)] * 8)
+    assert experiments.short_bits(every_layer) == "4:2x32 (all 8 layers)"
+    assert experiments.short_bits("3,2,2:2/3") == "3,2,2:2/3" and experiments.short_bits("auto:2.5") == "auto:2.5"
+    rows = [{"key": {"model": "m", "setting": "attn4", "bits": bits, "method": "gptq", "seed": 0},
+             "bundled-test": {"ppl": {"q/q": 50.0, "q/fp": 50.0, "fp/q": 50.0}, "kl": {"q/q": 0.01},
+                              "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}} for bits in (every_layer, "2")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 4:2x32 (all 8 layers) |" in text and every_layer not in text
+    assert text.index("| 2 |") < text.index("| 4:2x32 (all 8 layers) |")

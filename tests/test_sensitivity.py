@@ -4,8 +4,11 @@ its target, the noise has the stated std, SZ3 at matched error, zero noise costs
 file."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch
 from eacmoe import eval as eval_cli
 from eacmoe.adapters import get_adapter
 from eacmoe.codecs import ErrorBound, compress_matrix, mean_abs
-from eacmoe.evaluation import SweepSettings
+from eacmoe.evaluation import SweepError, SweepSettings
 from eacmoe.sensitivity import (
     SENSITIVITY_FILE,
     Perturbation,
@@ -177,6 +180,61 @@ def test_second_run_resumes_without_measuring(study, tiny_dir, monkeypatch):
         raise AssertionError("a finished cell was measured again")
     monkeypatch.setattr(sensitivity, "evaluate_model", refuse)
     assert [r["cell"] for r in run_study(str(tiny_dir), settings, out)] == [r["cell"] for r in rows]
+
+
+def test_shared_target_copies_exactly_the_shared_experts_of_the_gptq_model_and_is_restored():
+    from tiny_models import build
+
+    model, adapter = build("qwen2_moe")  # shared experts in layers 0 and 2; layer 1 dense
+    targets = [t for t in plan_targets([[3] * 8, None, [3] * 8], top_k=2, shared_layers=[0, 2])
+               if t.group == "shared"]
+    assert [(t.name, t.experts, t.shared) for t in targets] == [("L0:shared", (), (0,)), ("L2:shared", (), (2,))]
+    source = copy.deepcopy(model)  # stands in for the GPTQ model: every weight differs from the FP one
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source_state = source.state_dict()
+    with perturbed(model, targets[1], Perturbation("gptq", 2), gptq_model=source) as applied:
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed == {f"model.layers.2.mlp.shared_expert.{p}.weight"
+                           for p in ("gate_proj", "up_proj", "down_proj")}
+        assert all(torch.equal(after[k], source_state[k]) for k in changed)
+        assert applied["error_std"] == pytest.approx(1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_study_of_a_model_with_shared_experts_scores_them_in_the_file(tmp_path):
+    from tiny_models import family_with_bundled_tokenizer
+
+    model, tokenizer = family_with_bundled_tokenizer("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    settings = StudySettings(sweep=dataclasses.replace(SETTINGS, group_size=16), noise_levels=(0.5,),
+                             per_expert=False)
+    rows = run_study(str(tmp_path / "m"), settings, tmp_path / "out", command="test")
+    kl = {r["cell"]: r["bundled-test"]["kl"] for r in rows}
+    assert sorted(c for c in kl if ":shared" in c) == ["L0:shared|gptq@2", "L2:shared|gptq@2"]
+    doc = json.loads((tmp_path / "out" / SENSITIVITY_FILE).read_text())
+    assert doc["layers"][0]["shared"]["score"] == kl["L0:shared|gptq@2"] > 0
+    assert doc["layers"][2]["shared"]["score"] == kl["L2:shared|gptq@2"] > 0
+    assert doc["layers"][1]["shared"] is None and doc["layers"][0]["score"] == kl["L0:all|gptq@2"]
+    assert "| L0:shared |" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+def test_a_study_without_per_expert_cells_is_continued_with_them(study, tiny_dir, tmp_path):
+    out, settings, rows = study
+    shutil.copytree(out, tmp_path / "s")
+    more = run_study(str(tiny_dir), dataclasses.replace(settings, per_expert=True), tmp_path / "s")
+    added = [r["cell"] for r in more[len(rows):]]
+    assert [r["cell"] for r in more[:len(rows)]] == [r["cell"] for r in rows]  # nothing measured twice
+    assert sorted(added) == sorted(f"L{i}:E{e}|gptq@2" for i in range(3) for e in range(8))
+    doc = json.loads((tmp_path / "s" / SENSITIVITY_FILE).read_text())
+    assert [len(layer["experts"]) for layer in doc["layers"]] == [8, 8, 8]
+    with pytest.raises(SweepError, match="other settings \\(group_size\\)"):
+        run_study(str(tiny_dir), dataclasses.replace(settings, sweep=dataclasses.replace(SETTINGS, group_size=16)),
+                  tmp_path / "s")
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
