@@ -3,7 +3,8 @@
     python scripts/bench_peers.py --models tiny-mixtral tiny-qwen-moe --schemes w2g64 w4g64 --repeats 2 \\
         --threads 1 --json docs/peers.json --markdown docs/peers.md
 
-Accuracy over calibration seeds, the paper's setting (2-bit experts, 4-bit attention), one run per seed, then one table::
+Accuracy over calibration seeds in the paper's setting (2-bit experts, 4-bit attention), one run per seed, then a
+table of all seeds::
 
     for s in 0 1 2; do python scripts/bench_peers.py --models tiny-mixtral --schemes w2a4g128 --seed $s \\
         --methods eacmoe-gptq eacmoe-default gptqmodel-matched --repeats 1 --threads 1 --json s$s.json; done
@@ -578,6 +579,7 @@ def worker_llmcompressor(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
     def weights(bits: int) -> dict:
         return {"num_bits": bits, "type": "int", "symmetric": False,
                 "strategy": "group" if args.group_size > 0 else "channel",
@@ -850,9 +852,9 @@ def bench_model(bench: Bench, model: str, scheme: Scheme) -> None:
         jobs[name] = Job(model=Path(model).name, model_dir=model_dir, scheme=scheme, calib_file=str(calib_file),
                          out_dir="", threads=threads, nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib,
                          seed=args.seed, damp_percent=args.damp, llmc_python=llmc_python or "")
-        rows[name] = {"model": Path(model).name, "scheme": scheme.name, "bits": scheme.bits if not scheme.paper_schedule else 2.5,
-                      "group_size": scheme.group_size, "method": name, "settings": method.settings(jobs[name]),
-                      "runs": []}
+        rows[name] = {"model": Path(model).name, "scheme": scheme.name,
+                      "bits": 2.5 if scheme.paper_schedule else scheme.bits, "group_size": scheme.group_size,
+                      "method": name, "settings": method.settings(jobs[name]), "runs": []}
         if llmc_error:
             rows[name]["error"] = f"cannot install llm-compressor: {llmc_error}"
     for repeat in range(args.repeats):

@@ -111,6 +111,8 @@ def short_bits(bits: str) -> str:
         return f"{shared}{colon}{widths[0]}x{len(widths)}" if len(widths) > 1 and len(set(widths)) == 1 else text
     entries = [entry(e) for e in bits.split(",")]
     return f"{entries[0]} (all {len(entries)} layers)" if len(set(entries)) == 1 else ",".join(entries)
+
+
 DOMAINS = ("sotu", "brown", "shakespeare", "pydoc")
 
 

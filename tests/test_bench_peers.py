@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from gptqmodel_env import gptqmodel_import_guard
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_peers.py"
 
@@ -196,9 +197,16 @@ def test_eacmoe_rows_use_the_peers_grid_and_the_default_row_the_cli_defaults(bp,
     assert default.bits == "2" and default.attn_bits == 2 and default.group_size == 64
 
 
-def test_a_scheme_with_attention_bits_reaches_every_method(bp, tmp_path):
-    from gptqmodel import QuantizeConfig
+def _gptqmodel_config(**kwargs):
+    """GPTQModel's QuantizeConfig, imported and built without leaking its import side effects (gptqmodel_env)."""
+    with gptqmodel_import_guard():
+        pytest.importorskip("gptqmodel")
+        from gptqmodel import QuantizeConfig
 
+        return QuantizeConfig(**kwargs)
+
+
+def test_a_scheme_with_attention_bits_reaches_every_method(bp, tmp_path):
     from eacmoe.quantize import build_parser
 
     scheme = bp.parse_scheme("w2a4g128")
@@ -214,7 +222,7 @@ def test_a_scheme_with_attention_bits_reaches_every_method(bp, tmp_path):
         worker = bp.build_parser().parse_args(bp.METHODS[name].command(job)[2:])
         assert (worker.bits, worker.attn_bits) == (2, 4), name
     # GPTQModel's own matching of the override: attention 4-bit, experts and shared experts at the default 2
-    qcfg = QuantizeConfig(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4))
+    qcfg = _gptqmodel_config(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4))
     assert qcfg.dynamic_get("model.layers.3.self_attn.o_proj", "bits") == 4
     assert qcfg.dynamic_get("model.layers.3.mlp.experts.7.down_proj", "bits") is None
     assert qcfg.dynamic_get("model.layers.3.mlp.shared_expert.up_proj", "bits") is None
@@ -246,8 +254,6 @@ def test_seed_summary_pairs_each_method_with_eacmoe_gptq_of_the_same_seed(bp):
 
 
 def test_the_papers_two_and_a_half_schedule_reaches_eacmoe_and_gptqmodel_as_the_same_widths(bp, tmp_path):
-    from gptqmodel import QuantizeConfig
-
     from eacmoe.quantize import build_parser
     from eacmoe.schedule import parse_expert_bits
 
@@ -261,7 +267,7 @@ def test_the_papers_two_and_a_half_schedule_reaches_eacmoe_and_gptqmodel_as_the_
     worker = bp.build_parser().parse_args(bp.METHODS["gptqmodel-matched"].command(job)[2:])
     assert worker.paper_schedule and (worker.bits, worker.attn_bits) == (2, 4)
     layer_bits = parse_expert_bits("2.5", 8)                      # eacmoe's widths: [3, 3, 3, 3, 2, 2, 2, 2]
-    qcfg = QuantizeConfig(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4, layer_bits, 2))
+    qcfg = _gptqmodel_config(bits=2, group_size=128, dynamic=bp.gptqmodel_dynamic(4, layer_bits, 2))
     for layer, width in enumerate(layer_bits):                    # GPTQModel's own matching of the overrides
         assert (qcfg.dynamic_get(f"model.layers.{layer}.mlp.experts.5.up_proj", "bits") or 2) == width
         assert (qcfg.dynamic_get(f"model.layers.{layer}.mlp.shared_expert.down_proj", "bits") or 2) == width
