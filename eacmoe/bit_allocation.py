@@ -287,9 +287,9 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
         n = len(layer.routed)
         cells = entry.get("experts") or []
         guess = proxy[i] if proxy is not None and sum(proxy[i].routed) > 0 else None
-        rest = score
-        if n and layer.rest and _shared_score(entry) is not None:
-            rest = _shared_score(entry)
+        rest, shared_cell = score, _shared_score(entry)
+        if n and layer.rest and shared_cell is not None:
+            rest = shared_cell
             shared_cells += 1
         elif n and guess is not None and layer.rest:  # the file's score covers the routed experts only
             rest = score * guess.rest / sum(guess.routed)

@@ -106,7 +106,7 @@ def parse_scheme(text: str) -> Scheme:
                   int(match.group(2)) if match.group(2) else None, paper)
 
 
-def attention_bits_args(scheme: Scheme) -> list[str]:
+def peer_scheme_args(scheme: Scheme) -> list[str]:
     """A peer worker's ``--attn-bits`` when attention differs from the experts, and ``--paper-schedule`` for the
     2.5 schedule (else nothing: the command, and so a recorded run's reuse key, stays what it was before schemes
     had attention bits)."""
@@ -184,7 +184,7 @@ def _gptqmodel(preset: str) -> Method:
                 job.model_dir, "--calib-file", job.calib_file, "--out-dir", job.out_dir,
                 "--bits", str(job.scheme.bits), "--group-size", str(job.scheme.group_size),
                 "--damp", str(job.damp_percent), "--threads", str(job.threads), *dtype,
-                *attention_bits_args(job.scheme)]
+                *peer_scheme_args(job.scheme)]
 
     def settings(job: Job) -> str:
         if preset == "default":
@@ -200,7 +200,7 @@ def _llmcompressor() -> Method:
         return [job.llmc_python, str(SCRIPT), "--worker", "llmcompressor", "--model-dir", job.model_dir,
                 "--calib-file", job.calib_file, "--out-dir", job.out_dir, "--bits", str(job.scheme.bits),
                 "--group-size", str(job.scheme.group_size), "--damp", str(job.damp_percent),
-                "--threads", str(job.threads), *attention_bits_args(job.scheme)]
+                "--threads", str(job.threads), *peer_scheme_args(job.scheme)]
 
     def settings(job: Job) -> str:
         return (f"asym, dampening_frac {job.damp_percent}, actorder off, block 128, all experts calibrated on all "

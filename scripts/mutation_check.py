@@ -403,7 +403,7 @@ SHARED_MUTANTS = [
            "the shared target gets noise cells instead of GPTQ ones", SHARED_SENSITIVITY_TESTS),
     Mutant("SH4", BA, "((_shared_score(layer) or 0.0) if with_shared else 0.0)", "0.0",
            "the per-layer score leaves out the layer's shared experts", SHARED_ALLOCATION_TESTS),
-    Mutant("SH5", BA, "        if n and layer.rest and _shared_score(entry) is not None:", "        if False:",
+    Mutant("SH5", BA, "        if n and layer.rest and shared_cell is not None:", "        if False:",
            "the per-module allocation ignores the shared cell", SHARED_ALLOCATION_TESTS),
 ]
 MUTANTS += SHARED_MUTANTS
