@@ -1,4 +1,5 @@
-"""`--bits auto:B`: per-layer expert bits from {2, 3, 4} chosen by a knapsack under an average-bits budget.
+"""`--bits auto:B`: expert bits from {2, 3, 4}, per routed expert (the default) or per layer, chosen by a knapsack
+under an average-bits budget.
 
 **Budget.** B is the average bits over the weights the per-layer expert width governs: routed experts, shared
 experts and dense MLPs of every decoder layer (attention has its own `--attn-bits`). Each layer's count is its real
@@ -18,7 +19,8 @@ the squared error falls about 4x): ``loss_l(b) = s_l * 4^-(b - 2)``. Sensitiviti
   tokens, and per layer the energy of the block output's change when its experts are RTN-quantized at 2 bits,
   relative to the energy of the residual stream leaving the layer. Measured against the files: docs/QUANTIZING.md.
 
-**Per expert** (`--per-expert-bits`, `allocate_per_expert`): the same knapsack over modules instead of layers: each
+**Per expert** (the default of `--bits auto:B`; `--no-per-expert-bits` keeps one width per layer;
+`allocate_per_expert`): the same knapsack over modules instead of layers: each
 routed expert of each layer is an item (its own parameter count and sensitivity), and each layer's shared experts
 or dense MLP one more item (the layer's width in the schedule). The budget is the same sum over the same weights, so
 the average over the expert weights is again at most B exactly. Per-module sensitivities come from
@@ -206,7 +208,7 @@ class Allocation:
     sensitivities: list[float]
     source: str                  # the sensitivity file, or "proxy: ..."
     rule: str = f"loss(b) = s * {ERROR_SHRINK_PER_BIT:g}^-(b-2), bits in {AUTO_CHOICES}"
-    expert_bits: list[list[int] | None] | None = None     # --per-expert-bits: per layer, each routed expert's width
+    expert_bits: list[list[int] | None] | None = None     # per-expert allocation: per layer, each routed expert's width
     expert_sensitivities: list[list[float] | None] | None = None
 
     def as_dict(self) -> dict:
@@ -328,7 +330,7 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
 
 def allocate_per_expert(spec: str, modules: Sequence[LayerModules], sensitivities: Sequence[ModuleSensitivity],
                         source: str) -> Allocation:
-    """The `auto:B --per-expert-bits` schedule: one knapsack over every routed expert and every layer's rest."""
+    """The per-expert `auto:B` schedule: one knapsack over every routed expert and every layer's rest."""
     if len(modules) != len(sensitivities):
         raise ValueError("one sensitivity per layer is needed")
     budget = parse_auto_budget(spec)
@@ -371,20 +373,30 @@ def allocation_from_sensitivities(spec: str, params: Sequence[int], sensitivitie
 
 def auto_expert_bits(spec: str, model: nn.Module, sensitivity: Path | None = None,
                      calib_ids: torch.Tensor | None = None, fingerprint: str | None = None,
-                     batch_size: int = 8, group_size: int = 128, per_expert: bool = False) -> Allocation:
+                     batch_size: int = 8, group_size: int = 128, per_expert: bool | None = False) -> Allocation:
     """The `auto:B` schedule of `model` from a sensitivity file, or (no file) from the in-run proxy on `calib_ids`;
-    per layer, or with `per_expert` per routed expert (module docstring)."""
-    if per_expert:
+    per layer (`per_expert` False), per routed expert (True), or None (the CLI's default): per routed expert unless
+    the file lacks per-expert (or shared) cells and the proxy that would split its layer scores cannot run (a lazily
+    loaded model, RTN without calibration tokens), where per layer from the file beats a frequency split."""
+    if per_expert is not False:
         modules = layer_modules(model)
         if sensitivity is not None:
             proxy = None
             if file_needs_proxy(sensitivity, modules, fingerprint):
                 if calib_ids is not None and calib_ids.numel():
                     proxy = proxy_expert_sensitivities(model, calib_ids, batch_size=batch_size, group_size=group_size)
+                elif per_expert is None:
+                    log.info("%s lacks per-expert cells for some layers (or the model has shared experts) and the "
+                             "in-run proxy cannot run here: allocating per layer from the file's layer scores "
+                             "(--per-expert-bits would split them by selection frequency, a poor guess; "
+                             "docs/QUANTIZING.md)", sensitivity)
+                    return auto_expert_bits(spec, model, sensitivity, calib_ids, fingerprint, batch_size, group_size,
+                                            per_expert=False)
                 else:
-                    log.warning("--per-expert-bits: %s lacks per-expert cells for some layers (or the model has shared "
-                                "experts) and the in-run proxy cannot run here; splitting those layers' scores by "
-                                "selection frequency, a poor guess (docs/QUANTIZING.md)", sensitivity)
+                    log.warning("per-expert allocation: %s lacks per-expert cells for some layers (or the model has "
+                                "shared experts) and the in-run proxy cannot run here; splitting those layers' scores "
+                                "by selection frequency, a poor guess (docs/QUANTIZING.md); --no-per-expert-bits "
+                                "allocates per layer from the file instead", sensitivity)
             scores, how = read_expert_sensitivities(sensitivity, modules, fingerprint, proxy)
             return allocate_per_expert(spec, modules, scores, how)
         if calib_ids is None:
@@ -425,6 +437,7 @@ def _proxy_setup(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, gro
     return adapter, device, stream, layer_kwargs, rtn
 
 
+@torch.no_grad()  # the stream would otherwise carry every layer's autograd graph along (all activations)
 def proxy_sensitivities(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
                         group_size: int = 128, device: torch.device | str = "cpu") -> list[float]:
     """Per decoder layer: sum_t |block_RTN2(x_t) - block(x_t)|^2 / sum_t |h_t|^2 on the FP stream (h: the residual

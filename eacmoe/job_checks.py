@@ -84,8 +84,9 @@ def _check_auto_bits(job) -> None:
             parse_auto_budget(job.bits)
         except AllocationError as exc:
             raise JobError(str(exc)) from exc
-    if getattr(job, "per_expert_bits", False) and not auto:
-        raise JobError(f"--per-expert-bits is only used with --bits auto:B (got --bits {job.bits})")
+    if getattr(job, "per_expert_bits", None) is not None and not auto:
+        flag_name = "--per-expert-bits" if job.per_expert_bits else "--no-per-expert-bits"
+        raise JobError(f"{flag_name} is only used with --bits auto:B (got --bits {job.bits})")
     sensitivity = getattr(job, "sensitivity", None)
     if sensitivity is not None:
         if not auto:
@@ -94,6 +95,14 @@ def _check_auto_bits(job) -> None:
             raise JobError(f"--sensitivity {sensitivity}: no such file")
     elif auto and job.method == "rtn":
         raise JobError("--bits auto:B with --method rtn needs --sensitivity (the in-run proxy needs calibration data)")
+
+
+def allocates_per_expert(job) -> bool:
+    """Whether the job's `--bits auto:B` is allocated per routed expert: the default, measured better than per layer
+    on both bundled models with and without a sensitivity file (docs/QUANTIZING.md); `--no-per-expert-bits` asks
+    for per-layer widths. (By default a file without per-expert cells that the proxy cannot complete is still
+    allocated per layer: `bit_allocation.auto_expert_bits` with ``per_expert=None``.)"""
+    return is_auto_bits(job.bits) and getattr(job, "per_expert_bits", None) is not False
 
 
 def _is_int(value) -> bool:
@@ -172,7 +181,7 @@ def check_model_source(name: str) -> None:
 
 
 def default_out(job) -> Path:
-    bits = str(job.bits).replace(":", "").replace("/", "-") + ("e" if getattr(job, "per_expert_bits", False) else "")
+    bits = str(job.bits).replace(":", "").replace("/", "-") + ("e" if allocates_per_expert(job) else "")
     return Path("out") / f"{Path(resolve_model(job.model)).name}-{job.method}-w{bits}"
 
 
@@ -265,7 +274,7 @@ def check_job_for_model(job, config):
         if getattr(job, "sensitivity", None) is not None:
             path = Path(job.sensitivity).expanduser()
             try:
-                if getattr(job, "per_expert_bits", False):
+                if allocates_per_expert(job):
                     modules = layer_modules(skeleton)
                     scores, how = read_expert_sensitivities(path, modules)  # the file's checks, now
                     if not file_needs_proxy(path, modules):  # else allocated with the proxy, the model in memory

@@ -80,7 +80,7 @@ class QuantizeConfig:
     gptq_target: str = "quantized"       # what the experts' GPTQ fits: quantized | fp | fp:A (gptq_target.py)
     batch_size: int = 8
     seed: int = 0
-    # per layer, one width per routed expert (None: the layer's width), from `--bits auto:B --per-expert-bits`
+    # per layer, one width per routed expert (None: the layer's width), from `--bits auto:B` (per expert)
     routed_expert_bits: list[list[int] | None] | None = None
 
     def expert_bits_for(self, layer: int, expert: int) -> int:

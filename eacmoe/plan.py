@@ -239,9 +239,9 @@ def parse_bits_plan(bits: str, attn_bits: str | int | None, group_size: int, num
     """
     spec = PAPER_BITS_LABELS.get(str(bits).strip(), str(bits).strip())
     if spec.startswith("auto:"):
-        raise PlanError(f"--bits {spec}: the planner sizes a fixed schedule; give the per-layer list that "
-                        "python -m eacmoe.quantize --bits auto:B prints (report.json bit_allocation.bits), e.g. "
-                        "--bits 3,2,2,2,2,3,3,3")
+        raise PlanError(f"--bits {spec}: the planner sizes a fixed schedule; give the one python -m eacmoe.quantize "
+                        "--bits auto:B wrote (--bits \"$(cat OUT/bits_schedule.txt)\", or report.json "
+                        "bit_allocation.schedule), e.g. --bits 3,2,2,2,2,3,3,3")
     routed = None
     if spec in ("16", "fp16", "bf16"):
         expert_bits: list[int | None] = [None] * num_layers
@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert (and dense-MLP) bits: 16 (unquantized), 2, 3, 4, 8; 2.5 = first half of the layers "
                         "3-bit, second half 2-bit; a comma list with one width per decoder layer, where a MoE layer's "
                         "entry may give one width per routed expert (2/3/2/..., optionally 4:2/3/2/... with the shared "
-                        "experts' width first), as python -m eacmoe.quantize --bits auto:B --per-expert-bits prints; "
+                        "experts' width first), as python -m eacmoe.quantize --bits auto:B prints; "
                         "the paper's labels 2.06 / 2.54 / 3.03 mean 2 / 2.5 / 3. Default: 3")
     p.add_argument("--attn-bits", default=None,
                    help="attention bits: 2, 3, 4, 8 or 16 (unquantized). Default: 4, or 16 with --bits 16")

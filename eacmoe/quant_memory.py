@@ -20,6 +20,12 @@ matrix (below):
         factor reversed into the feedback matrix (4 fp32 c x c at a time); then the column loop: Hessian + feedback
         matrix, weight, codes, losses (fp32 r x c)
     down_proj of an expert adds the gate/up solver's Hessian (4 H^2) and the quantized gate and up (2 I H b).
+    --gptq-target fp[:A] (quant/asymmetric.py) keeps the FP stream's block input through the experts phase (N H b more
+    on the device) and gives each expert matrix the asymmetric workspace
+    aws(r, c) = max(ws(r, c) + 4 c^2, 24 c^2 + 16 r c): the cross matrix C beside H throughout; computing the target
+    W* = W (C + l I)(H + l I)^-1 after the factorisation holds H, C, the feedback matrix, clones of H and C, the
+    Cholesky factor (6 fp32 c x c) and the fp32 weight, W C, the solve's copy of it and W* (4 fp32 r x c); down_proj
+    adds the gate/up solver's H and C (8 H^2).
     B = max(1, loop rows // min(2 I, H)) experts share the solver's column loops (quant.gptq.GPTQ_LOOP_ROWS = 1024):
     small experts only (tiny models, not Mixtral's or Qwen3's); B ws bounds their workspace from above.
 
@@ -82,6 +88,12 @@ def gptq_workspace(rows: int, columns: int, tokens: int) -> int:
     return max(accumulation, factorisation, column_loop)
 
 
+def asymmetric_workspace(rows: int, columns: int, tokens: int) -> int:
+    """Bytes `--gptq-target fp` holds for one [rows, columns] matrix (module docstring): GPTQ's workspace with the
+    cross matrix beside it, or computing the fitted target, whichever is larger."""
+    return max(gptq_workspace(rows, columns, tokens) + 4 * columns**2, 24 * columns**2 + 16 * rows * columns)
+
+
 def router_workspace(tokens: int, hidden: int, experts: int) -> int:
     """The fp32 token subsets of both streams, target logits and the objective (tokens or statistics)."""
     n = min(tokens, ROUTER_MAX_TOKENS)
@@ -108,19 +120,23 @@ class QuantMemory:
 
 def layer_peak(shapes: LayerShapes, tokens: int, dtype_bytes: int, method: str = "qesc", base: int = 0,
                lambda_load: float = 2.5, lambda_save: float = 1.0, pooled_experts: bool = True,
-               gptq_experts: bool = True) -> QuantMemory:
+               gptq_experts: bool = True, fp_target: bool = False) -> QuantMemory:
     """Peak memory of quantizing one layer (module docstring). `pooled_experts`: an expert's Hessian is built from
     all N tokens (the pool policy, or a hot expert) rather than its share; `gptq_experts` False when the experts
-    are rounded to nearest (then only RTN's fp32 copies of one matrix)."""
+    are rounded to nearest (then only RTN's fp32 copies of one matrix); `fp_target`: `--gptq-target fp[:A]` (QESC
+    only: it needs the FP stream)."""
     b, n, h = dtype_bytes, tokens, shapes.hidden
     qesc = method in ("qesc", "qesc-mse")
+    if fp_target and not qesc:
+        raise ValueError(f"--gptq-target fp needs the FP stream of --method qesc / qesc-mse (got {method})")
     weights = shapes.layer_params * b
     stream = n * h * b
     expert_tokens = n if pooled_experts else max(1, n * 2 // max(shapes.experts, 1))
     if gptq_experts:
         i = shapes.expert_intermediate
-        gate = gptq_workspace(i, h, expert_tokens)
-        down = gptq_workspace(h, i, expert_tokens) + 4 * h * h + 2 * i * h * b
+        workspace = asymmetric_workspace if fp_target else gptq_workspace
+        gate = workspace(i, h, expert_tokens)
+        down = workspace(h, i, expert_tokens) + (8 if fp_target else 4) * h * h + 2 * i * h * b
         experts_per_loop = max(1, GPTQ_LOOP_ROWS // min(2 * i, h))
         expert_ws = experts_per_loop * max(gate, down)
     else:  # RTN: the fp32 weight, its codes and the dequantized copy
@@ -128,14 +144,15 @@ def layer_peak(shapes: LayerShapes, tokens: int, dtype_bytes: int, method: str =
     attention_ws = max(gptq_workspace(r, c, n) for r, c in shapes.attention) if method != "rtn" else 0
     terms = {"base": base, "skeleton": shapes.skeleton_params * b, "streams": stream * (2 if qesc else 1),
              "layer": weights, "block_input": stream, "router": router_workspace(n, h, shapes.experts) if qesc else 0,
-             "attention_gptq": attention_ws, "expert_gptq": expert_ws}
+             "attention_gptq": attention_ws, "expert_gptq": expert_ws,
+             "fp_block_input": stream if fp_target else 0}  # --gptq-target fp: the FP rows of the experts' tokens
     resident = terms["base"] + terms["skeleton"] + terms["streams"]
     fp_copy = weights if qesc else 0
     device = {
         "attention": weights + fp_copy + attention_ws,
         "router": weights + fp_copy + 2 * stream + terms["router"] if qesc else 0,
         "fp advance": weights + fp_copy + 2 * stream if qesc else 0,
-        "experts": weights + stream + expert_ws,
+        "experts": weights + stream + terms["fp_block_input"] + expert_ws,
         "advance": weights + stream,
     }
     # in host memory beside the device's share: the residuals of the block inputs (one per stream alive)
@@ -149,4 +166,4 @@ def layer_peak(shapes: LayerShapes, tokens: int, dtype_bytes: int, method: str =
                        peak=phases[peak_phase],
                        inputs={"tokens": tokens, "dtype_bytes": b, "method": method, "lambda_load": lambda_load,
                                "lambda_save": lambda_save, "pooled_experts": pooled_experts,
-                               "gptq_experts": gptq_experts})
+                               "gptq_experts": gptq_experts, "fp_target": fp_target})

@@ -31,20 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", default="2",
                    help="expert bits: 2, 3, 4, 8; 2.5 = first half of the layers 3-bit, second half 2-bit "
                         "(EAC-MoE); a comma list with one width per decoder layer; or auto:B (e.g. auto:2.5): "
-                        "per-layer widths from {2,3,4} averaging at most B over the expert weights, chosen by a "
-                        "knapsack on --sensitivity or, without it, on a proxy measured in the run "
-                        "(eacmoe/bit_allocation.py); a layer's entry in the list may give one width per routed "
-                        "expert, 2/3/2/..., optionally after its shared experts' width and a colon (4:2/3/2/...), "
-                        "as --per-expert-bits prints")
+                        "widths from {2,3,4} per routed expert (per layer with --no-per-expert-bits) averaging at "
+                        "most B over the expert weights, chosen by a knapsack on --sensitivity or, without it, on a "
+                        "proxy measured in the run (eacmoe/bit_allocation.py); auto:2.5 with the other defaults is "
+                        "the measured 2.5-bit recipe (docs/QUANTIZING.md); a layer's entry in the list may give one "
+                        "width per routed expert, 2/3/2/..., optionally after its shared experts' width and a colon "
+                        "(4:2/3/2/...), as auto:B prints")
     p.add_argument("--sensitivity", default=None, metavar="FILE",
                    help="for --bits auto:B: the sensitivity.json of python -m eacmoe.eval --sensitivity, measured on "
                         "this model's weights (per-layer KL of 2-bit GPTQ experts, per expert, per shared expert)")
-    p.add_argument("--per-expert-bits", action="store_true",
+    p.add_argument("--per-expert-bits", action=argparse.BooleanOptionalAction, default=None,
                    help="with --bits auto:B: choose the widths per routed expert (and per layer for shared experts "
-                        "and dense MLPs) instead of per layer, under the same budget; sensitivities from the "
-                        "--sensitivity file's per-expert and shared-expert cells, or an in-run per-expert proxy. "
-                        "With the defaults, --bits auto:2.5 --per-expert-bits is the measured 2.5-bit recipe "
-                        "(docs/QUANTIZING.md)")
+                        "and dense MLPs), under the same budget; sensitivities from the --sensitivity file's "
+                        "per-expert and shared-expert cells, or an in-run per-module proxy. The default for auto:B "
+                        "(measured better than per layer on both bundled models, with and without a file); "
+                        "--no-per-expert-bits gives every expert of a layer one width")
     p.add_argument("--attn-bits", type=int, default=4, help="attention bits (2, 3, 4, 8; 16 keeps attention FP)")
     p.add_argument("--method", choices=METHODS, default="qesc",
                    help="rtn: round-to-nearest; gptq: GPTQ, routers untouched; qesc: GPTQ + TopK-MSE router "

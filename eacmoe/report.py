@@ -1,7 +1,36 @@
 """Human-facing views of a quantization report: the terminal summary table and report.png."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+# `--bits auto:B` writes its schedule here in the output directory: per module it is one width per routed expert, too
+# long for a terminal line on a real model (Qwen3-30B-A3B: 48 layers x 128 experts)
+SCHEDULE_FILE = "bits_schedule.txt"
+SCHEDULE_INLINE_CHARS = 120
+
+
+def _schedule_by_layer(schedule: str) -> str:
+    """'4:3/4/2,2' -> '4:3.00,2': each per-module entry as its routed experts' mean width (shared width kept)."""
+    def entry(text: str) -> str:
+        shared, colon, routed = text.rpartition(":")
+        widths = [int(w) for w in routed.split("/")]
+        return f"{shared}{colon}{sum(widths) / len(widths):.2f}" if len(widths) > 1 else text
+    return ",".join(entry(e) for e in schedule.split(","))
+
+
+def _allocation_line(allocation: dict, out: str | None) -> str:
+    schedule = allocation.get("schedule") or ",".join(map(str, allocation["bits"]))
+    per = "module" if allocation.get("expert_bits") else "layer"
+    shown = again = schedule
+    if len(schedule) > SCHEDULE_INLINE_CHARS:
+        shown = _schedule_by_layer(schedule)
+        if allocation.get("expert_bits"):
+            shown += " (per layer: the routed experts' mean width, the shared experts' before a colon)"
+        again = f'"$(cat {shlex.quote(str(Path(out or ".") / SCHEDULE_FILE))})"'
+    return (f"{allocation['spec']}: expert bits per {per} {shown} (average {allocation['achieved_average']:.4f} over "
+            f"the expert weights; sensitivities: {allocation['source']}); the same schedule for --bits / eacmoe.plan: "
+            f"{again}")
 
 
 def format_summary(report: dict) -> str:
@@ -14,11 +43,7 @@ def format_summary(report: dict) -> str:
              f"size {report['size_bytes'] / 2**20:.1f} MiB"]
     allocation = report.get("bit_allocation")
     if allocation:
-        per = "module" if allocation.get("expert_bits") else "layer"
-        lines.append(f"{allocation['spec']}: expert bits per {per} {allocation.get('schedule') or allocation['bits']} "
-                     f"(average {allocation['achieved_average']:.4f} over the expert weights; sensitivities: "
-                     f"{allocation['source']}); the same schedule for --bits / eacmoe.plan: "
-                     f"{allocation.get('schedule') or ','.join(map(str, allocation['bits']))}")
+        lines.append(_allocation_line(allocation, report.get("out")))
     lines.append("")
     header = f"{'held-out':<13}{'FP ppl':>9}{'quant ppl':>11}{'oracle':>9}{'FP+qroute':>11}{'KL(FP||q)':>11}" \
              f"{'shift all':>11}{'any':>7}{'half':>7}"

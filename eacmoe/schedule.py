@@ -3,7 +3,7 @@
 `--bits 2|3|4|8` gives every layer's experts that width; `--bits 2.5` is the paper's mixed schedule (the first
 half of the layers' experts 3-bit, the second half 2-bit); an explicit comma list gives one width per layer.
 
-A per-module schedule (what `--bits auto:B --per-expert-bits` chooses) is the same comma list where a MoE layer's
+A per-module schedule (what `--bits auto:B` chooses by default) is the same comma list where a MoE layer's
 entry may give one width per routed expert, separated by ``/`` (``2/3/2/4/2/2/3/2``), optionally preceded by the
 width of the layer's shared experts and a colon (``3:2/3/2/4/2/2/3/2``); without it the shared experts take the
 most common width of the routed ones (the lower one on a tie). `format_schedule` writes that text back exactly.

@@ -302,7 +302,7 @@ def perturbed(model: nn.Module, target: Target, perturbation: Perturbation, **kw
     """:func:`apply_perturbation` for the duration of the context; the target's weights are restored after."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    saved = {(layer, e): {k: v.clone() for k, v in adapter.expert_weights(adapter.moe_block(layers[layer]), e).items()}
+    saved = {(layer, e): {k: v.detach().clone() for k, v in adapter.expert_weights(adapter.moe_block(layers[layer]), e).items()}
              for layer, experts in target.experts for e in experts}
     saved_shared = [(linear, linear.weight.data.clone()) for layer in target.shared
                     for _, linear in shared_expert_linears(adapter, layers[layer])]

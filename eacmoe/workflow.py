@@ -95,7 +95,7 @@ class QuantizeJob:
     format: str = "packed"       # packed | gptq | dequantized, see eacmoe.export
     threads: int | None = None   # torch CPU threads; None keeps torch's default (recorded either way)
     sensitivity: str | None = None  # sensitivity.json for --bits auto:B (else the in-run proxy)
-    per_expert_bits: bool = False   # --bits auto:B: widths per routed expert instead of per layer
+    per_expert_bits: bool | None = None  # --bits auto:B per routed expert (None: the default, yes) or per layer (False)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -131,7 +131,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str):
     path = resolve_model(name_or_path)
     load_config(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
-    model.eval()
+    model.eval().requires_grad_(False)  # nothing here trains the model: no forward can build an autograd graph
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -286,7 +286,7 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
             raise JobError("--bits auto:B needs --sensitivity for a lazily loaded model (the proxy needs it in memory)")
         allocation = auto_expert_bits(job.bits, model, calib_ids=None if lazy else calib_ids,
                                       sensitivity=None if job.sensitivity is None else Path(job.sensitivity).expanduser(),
-                                      group_size=job.group_size, per_expert=job.per_expert_bits)
+                                      group_size=job.group_size, per_expert=job.per_expert_bits)  # None: the default
         expert_bits, routed_bits = allocation.bits, allocation.expert_bits
     if allocation is not None:
         log.info("%s: expert bits %s (average %.4f over the expert weights; sensitivities from %s)", job.bits,
@@ -362,6 +362,10 @@ def _run_checked_job(job: QuantizeJob, paths: JobPaths) -> dict:
         "layers": [asdict(r) for r in layer_reports],
     }
     (partial / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if allocation is not None:
+        from .report import SCHEDULE_FILE
+
+        (partial / SCHEDULE_FILE).write_text(allocation.schedule + "\n")
     try:
         from .report import plot_report
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ("eacmoe", "tests", "eval", "calibration", "scripts", "pyproject.toml")
+COPIED = ("eacmoe", "tests", "eval", "calibration", "scripts", "pyproject.toml",
+          # the committed sensitivity files some allocation tests read
+          "docs/eval/tiny-mixtral/sensitivity/sensitivity.json", "docs/eval/tiny-qwen-moe/sensitivity/sensitivity.json")
 
 PIPELINE_TESTS = ("tests/test_pipeline.py",)
 SPARSE_TESTS = ("tests/test_sparse_experts.py",
@@ -188,8 +190,9 @@ MUTANTS: list[Mutant] = [
            "TopK targets are the K lowest-ranked experts", ROUTER_TESTS),
     Mutant("R2", R, "ranking = target if selection_scores is None else selection_scores(target)", "ranking = target",
            "selection_scores ignored", ROUTER_TESTS),
-    Mutant("R3", R, "hold, train = order[:n_holdout], order[n_holdout:]",
-           "train, hold = order[:n_holdout], order[n_holdout:]", "held-out and training tokens swapped", ROUTER_TESTS),
+    Mutant("R3", R, "hold, train = slice(0, n_holdout), slice(n_holdout, n_tokens)",
+           "train, hold = slice(0, n_holdout), slice(n_holdout, n_tokens)", "held-out and training tokens swapped",
+           ROUTER_TESTS),
     Mutant("R4", R, "n_holdout = int(n_tokens * config.holdout_fraction)",
            "n_holdout = int(n_tokens * config.holdout_fraction) + 1", "held-out split off by one token", ROUTER_TESTS),
     Mutant("R5", R, "elif step - best_step >= config.patience:", "elif step - best_step > config.patience:",
@@ -216,8 +219,8 @@ MUTANTS: list[Mutant] = [
            "ridge: absolute instead of relative damping", ROUTER_TESTS),
     Mutant("R14", R, "rhs = self.cross + d[:, None] * weight_fp.double()", "rhs = self.cross",
            "ridge: damped toward 0 instead of toward the FP router", ROUTER_TESTS),
-    Mutant("R15", R, "order = torch.randperm(n_tokens, generator=generator).to(device)[: config.max_tokens]",
-           "order = torch.randperm(n_tokens, generator=generator).to(device)",
+    Mutant("R15", R, "order = torch.randperm(router_input_q.shape[0], generator=generator)[: config.max_tokens]",
+           "order = torch.randperm(router_input_q.shape[0], generator=generator)",
            "max_tokens subset ignored", ROUTER_TESTS),
     Mutant("R16", R, "kind = \"statistics\" if statistics_bytes <= max(STATISTICS_BUDGET_BYTES, n_tokens * hidden * 4) "
            "else \"tokens\"", "kind = \"tokens\" if statistics_bytes <= max(STATISTICS_BUDGET_BYTES, n_tokens * hidden * 4) "
@@ -310,7 +313,7 @@ MUTANTS: list[Mutant] = [
     Mutant("G10", G, "        self._factor = None  # the Hessian changes: a cached factorisation no longer applies\n",
            "", "cached Cholesky factor kept after add_batch changed the Hessian", GPTQ_TESTS),
     # ------------------------------------------------------------------ grids
-    Mutant("Q1", Q, "xmin = torch.minimum(w.amin(dim=-1), zeros_)", "xmin = w.amin(dim=-1)",
+    Mutant("Q1", Q, "return torch.minimum(w.amin(dim=-1), zeros_), torch.maximum(", "return w.amin(dim=-1), torch.maximum(",
            "asymmetric range need not contain 0", GRID_TESTS),
     Mutant("Q2", Q, "below = half.float() < scale", "below = half.float() <= scale",
            "fp16 scales bumped up even when exact", GRID_TESTS),
@@ -352,8 +355,8 @@ MUTANTS: list[Mutant] = [
            "every slot weighted with the first slot's weight", RUNTIME_TESTS),
     Mutant("T2", T, "if e >= self.num_experts:  # dropped slot", "if e > self.num_experts:  # dropped slot",
            "a dropped slot (PESF) is run as an expert", RUNTIME_TESTS),
-    Mutant("T3", T, "weight_t = (codes.float() - zeros[group].float()) * scales[group]",
-           "weight_t = (codes.float() - zeros[group].float() + 1) * scales[group]",
+    Mutant("T3", T, "tile.sub_(zeros[g]).mul_(scales[g])",
+           "tile.sub_(zeros[g] - 1).mul_(scales[g])",
            "zero point off by one (the v1/v2 confusion)", RUNTIME_TESTS),
     Mutant("T4", T, "gate, up = F.linear(x, gate_up).chunk(2, dim=-1)", "up, gate = F.linear(x, gate_up).chunk(2, dim=-1)",
            "gate and up projections swapped", RUNTIME_TESTS),
@@ -408,6 +411,30 @@ SHARED_MUTANTS = [
 ]
 MUTANTS += SHARED_MUTANTS
 
+# ------------------------------------- per-expert auto:B by default, the schedule file, no autograd (session 11)
+JC, WF, RP = "eacmoe/job_checks.py", "eacmoe/workflow.py", "eacmoe/report.py"
+DEFAULT_ALLOCATION_TESTS = ("tests/test_per_expert_bits.py", "-k",
+                            "end_to_end_with_the_proxy or long_schedule or falls_back or with_a_file_by_default")
+NO_GRAD_TESTS = ("tests/test_bit_allocation.py", "-k", "autograd or no_grad_anywhere")
+SESSION11_MUTANTS = [
+    Mutant("AD1", BA, "    if per_expert is not False:\n        modules = layer_modules(model)",
+           "    if per_expert:\n        modules = layer_modules(model)",
+           "--bits auto:B per layer unless --per-expert-bits (the old default)", DEFAULT_ALLOCATION_TESTS),
+    Mutant("AD4", BA, "                elif per_expert is None:", "                elif False:",
+           "the default splits a file without cells by selection frequency", DEFAULT_ALLOCATION_TESTS),
+    Mutant("AD5", JC, 'getattr(job, "per_expert_bits", None) is not False', 'getattr(job, "per_expert_bits", None) is True',
+           "a file with per-expert cells allocated per layer by default", DEFAULT_ALLOCATION_TESTS),
+    Mutant("AD2", WF, "(partial / SCHEDULE_FILE).write_text(allocation.schedule", "(partial / \"s.txt\").write_text(allocation.schedule",
+           "the schedule written to another file than the summary names", DEFAULT_ALLOCATION_TESTS),
+    Mutant("AD3", RP, "return f\"{shared}{colon}{sum(widths) / len(widths):.2f}\"", "return f\"{shared}{colon}{widths[0]:.2f}\"",
+           "a long schedule summarised by its first expert's width", DEFAULT_ALLOCATION_TESTS),
+    Mutant("NG1", BA, "@torch.no_grad()  # the stream would otherwise", "# the stream would otherwise",
+           "the per-layer proxy runs under autograd", NO_GRAD_TESTS),
+    Mutant("NG2", WF, "model.eval().requires_grad_(False)", "model.eval()", "loaded weights left requiring grad",
+           NO_GRAD_TESTS),
+]
+MUTANTS += SESSION11_MUTANTS
+
 
 def copy_project(dest: Path) -> None:
     for name in COPIED:
@@ -415,6 +442,7 @@ def copy_project(dest: Path) -> None:
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
 
 

@@ -22,6 +22,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,9 +67,11 @@ def method_config(label: str) -> dict:
             config["gptq_target"] = "fp" + option.removeprefix("fp-target")
         elif option == "mse-grid":
             config["grid"] = "mse"
+        elif option == "act-order":
+            config["act_order"] = True
         else:
             raise SystemExit(f"method label {label!r}: unknown option {option!r} (an expert Hessian "
-                             f"{', '.join(EXPERT_HESSIANS)}, mse-grid, or fp-target[:A])")
+                             f"{', '.join(EXPERT_HESSIANS)}, mse-grid, act-order, or fp-target[:A])")
     return config
 
 
@@ -86,15 +89,40 @@ def _method_rank(label: str) -> tuple[int, int, str]:
     return (rank, list(SPARSE_EXPERT_POLICIES).index(policy) if policy in SPARSE_EXPERT_POLICIES else -1, label)
 
 
-PER_EXPERT_SUFFIX = "+experts"  # "auto:B+experts" = --bits auto:B --per-expert-bits
+@dataclass(frozen=True)
+class AutoBits:
+    """A label ``auto:B[+experts][+proxy]``: `--bits auto:B` per layer (the CLI's `--no-per-expert-bits`; the labels
+    predate per expert becoming the CLI's default), per routed expert with ``+experts``, the sensitivities from the
+    in-run proxy on each seed's calibration tokens with ``+proxy`` (what the CLI does without `--sensitivity`)
+    instead of the model's --sensitivity file."""
+    budget: str
+    per_expert: bool = False
+    proxy: bool = False
+
+    FLAGS = ("experts", "proxy")
+
+    @classmethod
+    def parse(cls, bits: str) -> "AutoBits | None":
+        """The label's parts, or None for a label that is not ``auto:``; ValueError for an unknown suffix."""
+        if not str(bits).startswith("auto:"):
+            return None
+        budget, *flags = bits.removeprefix("auto:").split("+")
+        unknown = set(flags) - set(cls.FLAGS)
+        if unknown or len(set(flags)) != len(flags):
+            raise ValueError(f"bits label {bits!r}: the suffixes after auto:B are +experts and +proxy")
+        return cls(budget, "experts" in flags, "proxy" in flags)
+
+    @property
+    def label(self) -> str:
+        return f"auto:{self.budget}" + "+experts" * self.per_expert + "+proxy" * self.proxy
 
 
 def _bits_rank(bits: str) -> tuple[float, str]:
-    """Sort key of a bits label: numbers by value, "auto:B" right after B, "auto:B+experts" after it, explicit
-    schedules last."""
-    number = bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)
+    """Sort key of a bits label: numbers by value, "auto:B" right after B, its "+experts" / "+proxy" variants after
+    it, explicit schedules last."""
+    auto = AutoBits.parse(bits)
     try:
-        return (float(number), bits)
+        return (float(auto.budget if auto else bits), bits)
     except ValueError:
         return (math.inf, bits)
 
@@ -201,10 +229,10 @@ def run(args) -> None:
                         if json.dumps(key) in done:
                             continue
                         q_model = copy.deepcopy(fp_model)
-                        cfg = QuantizeConfig(**schedule_for(bits, fp_model, model_name, args),
+                        calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
+                        cfg = QuantizeConfig(**schedule_for(bits, fp_model, model_name, args, calib),
                                              attn_bits=SETTINGS[setting], group_size=args.group_size, seed=seed,
                                              min_expert_tokens=args.min_expert_tokens, **method_config(method))
-                        calib = get_calibration_data("bundled", tokenizer, args.nsamples, args.seqlen, seed=seed)
                         t0 = time.perf_counter()
                         quantizer = LayerwiseQuantizer(q_model, cfg)
                         quantizer.run(calib)
@@ -233,21 +261,25 @@ def sparse_counts(reports) -> dict:
             "routed_experts": sum(len(r.expert_tokens) for r in moe)}
 
 
-def schedule_for(bits: str, fp_model, model_name: str, args) -> dict:
-    """The QuantizeConfig schedule fields of a bits label; "auto:B" is allocated per layer from the model's
-    sensitivity file, "auto:B+experts" per routed expert (--per-expert-bits)."""
+def schedule_for(bits: str, fp_model, model_name: str, args, calib: torch.Tensor) -> dict:
+    """The QuantizeConfig schedule fields of a bits label (`AutoBits`): "auto:B" is allocated per layer from the
+    model's sensitivity file, "+experts" per routed expert, "+proxy" from the in-run proxy on `calib`."""
     num_layers = len(get_adapter(fp_model).decoder_layers(fp_model))
-    if not bits.startswith("auto:"):  # a uniform, per-layer or explicit per-module schedule (eacmoe.schedule)
+    auto = AutoBits.parse(bits)
+    if auto is None:  # a uniform, per-layer or explicit per-module schedule (eacmoe.schedule)
         layer_bits, routed = parse_bits_schedule(bits, num_layers)
         return {"expert_bits": layer_bits, "routed_expert_bits": routed}
     from eacmoe.bit_allocation import auto_expert_bits
 
-    files = dict(item.split("=", 1) for item in args.sensitivity)
-    if model_name not in files:
-        raise SystemExit(f"--bits {bits} needs --sensitivity {model_name}=FILE")
-    per_expert = bits.endswith(PER_EXPERT_SUFFIX)
-    allocation = auto_expert_bits(bits.removesuffix(PER_EXPERT_SUFFIX), fp_model, sensitivity=Path(files[model_name]),
-                                  per_expert=per_expert)
+    spec = f"auto:{auto.budget}"
+    if auto.proxy:  # as python -m eacmoe.quantize without --sensitivity
+        allocation = auto_expert_bits(spec, fp_model, calib_ids=calib, group_size=args.group_size,
+                                      per_expert=auto.per_expert)
+    else:
+        files = dict(item.split("=", 1) for item in args.sensitivity)
+        if model_name not in files:
+            raise SystemExit(f"--bits {bits} needs --sensitivity {model_name}=FILE (or the label {bits}+proxy)")
+        allocation = auto_expert_bits(spec, fp_model, sensitivity=Path(files[model_name]), per_expert=auto.per_expert)
     log.info("%s: %s (average %.4f over the expert weights)", bits, allocation.schedule, allocation.achieved_average)
     return {"expert_bits": allocation.bits, "routed_expert_bits": allocation.expert_bits}
 
@@ -352,8 +384,8 @@ def gap_table(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[str]:
         # GPTQ at the same bits and, for auto:B, also GPTQ with the paper's B schedule: the plain baseline at the
         # same average bits
         baselines = [bits] if (model, setting, bits, "gptq") in groups else []
-        if bits.startswith("auto:"):
-            baselines.append(bits.removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX))
+        if (auto := AutoBits.parse(bits)) is not None:
+            baselines.append(auto.budget)
         for gptq_bits in baselines:
             for method in methods:
                 runs = groups[(model, setting, bits, method)]
@@ -388,12 +420,14 @@ def variant_table(rows: list[dict]) -> list[str]:
         base = label_base(k["method"])
         if base != k["method"] and k["method"] != "qesc-experts+fp-router":
             twins.append(({**k, "method": base}, f"{k['bits']}: {k['method']} − {base}"))
-        if str(k["bits"]).startswith("auto:"):
-            paper = k["bits"].removeprefix("auto:").removesuffix(PER_EXPERT_SUFFIX)
-            twins.append(({**k, "bits": paper}, f"{k['method']}: {k['bits']} − {paper} (paper schedule)"))
-        if str(k["bits"]).endswith(PER_EXPERT_SUFFIX):
-            per_layer = k["bits"].removesuffix(PER_EXPERT_SUFFIX)
-            twins.append(({**k, "bits": per_layer}, f"{k['method']}: {k['bits']} − {per_layer} (per layer)"))
+        if (auto := AutoBits.parse(k["bits"])) is not None:
+            twins.append(({**k, "bits": auto.budget}, f"{k['method']}: {k['bits']} − {auto.budget} (paper schedule)"))
+            if auto.per_expert:
+                per_layer = replace(auto, per_expert=False).label
+                twins.append(({**k, "bits": per_layer}, f"{k['method']}: {k['bits']} − {per_layer} (per layer)"))
+            if auto.proxy:
+                with_file = replace(auto, proxy=False).label
+                twins.append(({**k, "bits": with_file}, f"{k['method']}: {k['bits']} − {with_file} (the file)"))
         for twin_key, label in twins:
             twin = by_key.get(json.dumps(twin_key, sort_keys=True))
             if twin is not None:
@@ -585,11 +619,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-mixtral", "tiny-qwen-moe"], help="bundled names or paths")
     ap.add_argument("--bits", nargs="+", default=["2", "2.5", "3"],
-                    help="expert bit schedules: 2, 2.5, 3, a per-layer list, auto:B (per layer, from --sensitivity) "
-                         "or auto:B+experts (per routed expert, --per-expert-bits)")
+                    help="expert bit schedules: 2, 2.5, 3, a per-layer list, auto:B (per layer: the CLI's "
+                         "--no-per-expert-bits, from --sensitivity), auto:B+experts (per routed expert, the CLI's "
+                         "default); +proxy after either: from the in-run proxy on each seed's calibration tokens (the "
+                         "CLI without --sensitivity) instead of the file")
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qesc", "qesc-mse"],
-                    help="method labels: <method>[+<expert Hessian>][+fp-target[:A]][@<sparse expert policy>], e.g. "
-                         "gptq, qesc+weighted, qesc+fp-target:0.25, gptq@rtn (without @: the default policy, pool)")
+                    help="method labels: <method>[+<expert Hessian>][+mse-grid][+act-order][+fp-target[:A]]"
+                         "[@<sparse expert policy>], e.g. gptq, qesc+weighted, qesc+mse-grid+act-order, "
+                         "qesc+fp-target:0.25, gptq@rtn (without @: the default policy, pool)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     ap.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["experts", "attn4"],
                     help="experts: attention stays FP; attn4: attention 4-bit too")
@@ -618,6 +655,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "qesc_results", help="output directory")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and shift.png from results.jsonl")
     args = ap.parse_args(argv)
+    labels = []
+    for bits in args.bits:
+        try:
+            auto = AutoBits.parse(bits)
+        except ValueError as exc:
+            ap.error(str(exc))
+        labels.append(auto.label if auto else bits)  # one spelling per label: rows pair by it
+    args.bits = labels
     args.command = command_line("python scripts/qesc_experiments.py", sys.argv[1:] if argv is None else argv,
                                 args.threads)
     args.suite_tasks = [t for t in args.suite_tasks.split(",") if t]

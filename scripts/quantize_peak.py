@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparse-expert-policy", default="pool", choices=["pool", "rtn"],
                    help="experts under their token threshold: pooled tokens (GPTQ) or round to nearest")
     p.add_argument("--eval-samples", type=positive_int, default=4, help="held-out sequences of the evaluation")
+    p.add_argument("--gptq-target", default="quantized",
+                   help="what the experts' GPTQ fits: quantized, fp or fp:A (eacmoe/gptq_target.py; fp needs qesc)")
     p.add_argument("--json-out", type=Path, default=None, help="write the measurement here as JSON")
     add_threads_argument(p)
     args = p.parse_args(argv)
@@ -83,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                                      bits=args.bits, nsamples=args.nsamples, seqlen=args.seqlen,
                                      router_steps=args.router_steps, sparse_expert_policy=args.sparse_expert_policy,
                                      eval_samples=args.eval_samples, eval_seqlen=256, device=args.device,
-                                     dtype=args.dtype, lazy=True, threads=args.threads))
+                                     dtype=args.dtype, lazy=True, threads=args.threads, gptq_target=args.gptq_target))
     finally:
         pipeline.LayerwiseQuantizer.run = original_run
     total = time.perf_counter() - t0
     config = AutoConfig.from_pretrained(args.model)
     formula = layer_peak(layer_shapes(config), args.nsamples * args.seqlen, DTYPE_BYTES[args.dtype], args.method,
-                         gptq_experts=args.sparse_expert_policy == "pool")
+                         gptq_experts=args.sparse_expert_policy == "pool",
+                         fp_target=args.gptq_target != "quantized")
     device_formula = max(formula.device_phases.values())
     result = {"command": command, "threads": args.threads, "device": args.device,
               "device_name": torch.cuda.get_device_name() if cuda else "cpu", "tokens": args.nsamples * args.seqlen,

@@ -40,8 +40,7 @@ lane_mixtral() {
   fi
   if wants quantize; then
     run /usr/bin/time -v $PY -m eacmoe.quantize --threads 1 --overwrite
-    run /usr/bin/time -v $PY -m eacmoe.quantize --bits auto:2.5 --per-expert-bits \
-      --sensitivity docs/eval/tiny-mixtral/sensitivity/sensitivity.json --threads 1 --overwrite
+    run /usr/bin/time -v $PY -m eacmoe.quantize --bits auto:2.5 --threads 1 --overwrite
   fi
   if wants runtime; then
     run $PY scripts/benchmark_runtime.py --threads 1 --out docs/BENCHMARKS.md
@@ -58,8 +57,8 @@ lane_mixtral() {
 lane_qwen() {
   if wants cards; then run $PY scripts/model_card.py eacmoe/assets/models/tiny-qwen-moe --seqlen 256 --threads 1; fi
   if wants quantize; then
-    run /usr/bin/time -v $PY -m eacmoe.quantize --model tiny-qwen-moe --bits auto:2.5 --per-expert-bits \
-      --sensitivity docs/eval/tiny-qwen-moe/sensitivity/sensitivity.json --group-size 64 --threads 1 --overwrite
+    run /usr/bin/time -v $PY -m eacmoe.quantize --model tiny-qwen-moe --bits auto:2.5 --group-size 64 --threads 1 \
+      --overwrite
   fi
   if wants pesf; then run $PY scripts/pesf_sweep.py --model tiny-qwen-moe --threads 1 --out docs/pesf/tiny-qwen-moe; fi
   if wants router; then

@@ -58,12 +58,25 @@ from eacmoe.threads import add_threads_argument, command_line, set_threads  # no
 
 log = logging.getLogger("scaling_law")
 
+
+def _module_from_file(name: str, path: Path):
+    """Import one file by path (a package's __init__ would import torch)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# the solver's own loop planning (eacmoe/quant/column_loops.py is torch-free)
+_column_loops = _module_from_file("eacmoe_column_loops", REPO / "eacmoe" / "quant" / "column_loops.py")
+LOOP_ROWS = _column_loops.GPTQ_LOOP_ROWS
+
 STAGES = ("attention", "router", "experts", "advance")
 BATCH_SIZE = 8                 # pipeline.QuantizeConfig.batch_size: sequences per forward batch
 ROUTER_MAX_TOKENS = 32768      # router_calibration.RouterCalibrationConfig.max_tokens
 STATISTICS_BUDGET = 256 * 2**20  # router_calibration.STATISTICS_BUDGET_BYTES
 ATTENTION_HESSIAN_PER_LINEAR = False  # pipeline.collect_hessians: one GPTQ (Hessian, factorisation) per group
-LOOP_ROWS = 1024               # quant.gptq.GPTQ_LOOP_ROWS: rows one GPTQ column loop takes at once
 GPTQ_BLOCK = 128               # QuantSpec.block_size: the in-block rank-1 updates touch rows x block/2 per column
 SYNTHETIC_HEADS, SYNTHETIC_KV_HEADS, SYNTHETIC_TOPK = 8, 2, 2  # scripts/measure_memory.py's MixtralConfig
 
@@ -166,32 +179,10 @@ def _gptq(matrices: list[tuple[int, int]], hessians: list[int], tokens: int) -> 
             "per_column": sum(c for _, c in matrices), "per_matrix": len(matrices)}
 
 
-def column_loops(matrices: Sequence[tuple[object, int, int]], loop_rows: int = LOOP_ROWS) -> list[list[int]]:
-    """quant.gptq.column_loops on (solver, rows, cols) triples (copied: that module imports torch; a test keeps
-    them equal): consecutive matrices of one solver stacked while their rows fit in `loop_rows`, consecutive
-    members of equal stacked shapes sharing a loop while it fits."""
-    members: list[list] = []  # [solver, indices, stacked rows, cols]
-    for k, (solver, rows, cols) in enumerate(matrices):
-        if members and members[-1][0] is solver and members[-1][2] + rows <= loop_rows:
-            members[-1][1].append(k)
-            members[-1][2] += rows
-        else:
-            members.append([solver, [k], rows, cols])
-    loops: list[list[int]] = []
-    shape, used = None, 0
-    for _solver, indices, rows, cols in members:
-        if loops and shape == (rows, cols) and used + rows <= loop_rows:
-            loops[-1].extend(indices)
-            used += rows
-        else:
-            loops.append(list(indices))
-            shape, used = (rows, cols), rows
-    return loops
-
-
 def column_steps(matrices: Sequence[tuple[object, int, int]]) -> int:
     """Python column steps of GPTQ on these matrices: the columns of every loop `column_loops` makes."""
-    return sum(matrices[loop[0]][2] for loop in column_loops(matrices))
+    loops = _column_loops.column_loops([(solver, (rows, cols)) for solver, rows, cols in matrices], LOOP_ROWS)
+    return sum(matrices[loop[0]][2] for loop in loops)
 
 
 def expert_column_steps(h: int, i: int, gptq_experts: int) -> int:
@@ -464,11 +455,7 @@ def slice_check(fit: Fit, records: list[dict]) -> list[dict]:
 
 # -- measuring ---------------------------------------------------------------------------------------------------
 def _measure_memory_module():
-    spec = importlib.util.spec_from_file_location("measure_memory", REPO / "scripts" / "measure_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("measure_memory", module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return _module_from_file("measure_memory", REPO / "scripts" / "measure_memory.py")
 
 
 # The child: `python -m eacmoe.quantize` with time.perf_counter read as time.process_time, so that the stage seconds

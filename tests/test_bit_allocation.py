@@ -180,25 +180,45 @@ def test_per_layer_schedule_round_trips_through_the_packed_and_gptq_exports(tmp_
 
 
 def test_auto_bits_without_a_file_uses_the_proxy_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
-    """`--bits auto:2.5` with no sensitivity file: the in-run proxy picks the widths; report.json, config.json
-    and the summary carry the per-layer bits and the achieved average (at most 2.5 over the expert weights)."""
+    """`--bits auto:2.5 --no-per-expert-bits` with no sensitivity file: the in-run proxy picks the widths;
+    report.json, config.json and the summary carry the per-layer bits and the achieved average (at most 2.5 over the
+    expert weights)."""
     from eacmoe import workflow
     from test_cli import FAST, quantize as run_cli, save_tiny, tiny_mixtral_model
 
     monkeypatch.setattr(workflow, "HELDOUT_SOURCES", ("bundled-test",))
     model_dir = save_tiny(tmp_path / "tiny", tiny_mixtral_model(seed=0))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "--model", model_dir, *FAST, "--bits", "auto:2.5", "--threads", "1",
-                                "--out", out)
+    code, stdout, err = run_cli(capsys, "--model", model_dir, *FAST, "--bits", "auto:2.5", "--no-per-expert-bits",
+                                "--threads", "1", "--out", out)
     assert code == 0, err[-2000:]
     report = json.loads((out / "report.json").read_text())
     allocation = report["bit_allocation"]
     assert allocation["source"].startswith("proxy:") and sorted(allocation["bits"]) == [2, 3]
+    assert allocation["expert_bits"] is None  # one width per layer: every expert of a layer has it
+    assert report["routed_expert_bits"] == [[b] * len(row) for b, row in zip(allocation["bits"], report["routed_expert_bits"])]
     assert report["expert_bits"] == allocation["bits"] and allocation["achieved_average"] == 2.5
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["expert_bits"] == allocation["bits"]
     assert [config["quantized_modules"][f"model.layers.{i}.mlp.experts"]["bits"] for i in range(2)] == allocation["bits"]
     assert f"the same schedule for --bits / eacmoe.plan: {','.join(map(str, allocation['bits']))}" in stdout
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_the_proxies_build_no_autograd_graph(per_expert: bool) -> None:
+    """The proxies run every layer over all calibration tokens with weights that require grad (as loaded): under
+    autograd the FP stream would carry each layer's graph, i.e. every activation of the pass, into the next."""
+    from eacmoe.bit_allocation import proxy_expert_sensitivities, proxy_sensitivities
+
+    model, adapter = build("mixtral")
+    assert all(p.requires_grad for p in model.parameters())
+    grad_seen = []
+    handles = [adapter.moe_block(layer).register_forward_hook(lambda m, a, out: grad_seen.append(torch.is_grad_enabled()))
+               for layer in adapter.decoder_layers(model)]
+    (proxy_expert_sensitivities if per_expert else proxy_sensitivities)(model, calib_ids(4, 16), group_size=8)
+    for h in handles:
+        h.remove()
+    assert grad_seen and not any(grad_seen)
 
 
 @torch.no_grad()
@@ -235,3 +255,14 @@ def test_proxy_is_the_rtn_block_error_over_the_layer_output_energy() -> None:
         y_q = y_q[0] if isinstance(y_q, tuple) else y_q
         expected = float((y_q.double() - seen[i]["y"].double()).square().sum() / seen[i]["h"].double().square().sum())
         assert scores[i] == pytest.approx(expected, rel=1e-4)
+
+
+def test_loaded_models_need_no_grad_anywhere() -> None:
+    """Every library path loads through workflow.load_model, which turns autograd off for the weights: a forward
+    someone adds outside torch.no_grad() then still builds no graph over the calibration tokens."""
+    from eacmoe.workflow import load_model
+
+    model, _ = load_model("tiny-mixtral", torch.float32)
+    assert not any(p.requires_grad for p in model.parameters())
+    out = model(calib_ids(1, 8)).logits
+    assert out.grad_fn is None

@@ -285,7 +285,7 @@ def test_the_planner_sizes_a_per_expert_schedule_as_the_packed_tensors(tmp_path:
 
 
 def test_per_expert_bits_end_to_end_with_the_proxy(tmp_path: Path, capsys, monkeypatch) -> None:
-    """`--bits auto:2.5 --per-expert-bits` (no file: the per-module proxy): report.json carries the per-expert widths
+    """`--bits auto:2.5` (per expert by default; no file: the per-module proxy): report.json carries the per-expert widths
     as quantized, equal to the allocation's, and the achieved average over the expert weights; config.json's packed
     experts carry them; the printed schedule is accepted by --bits and gives the same widths."""
     from eacmoe import workflow
@@ -294,8 +294,8 @@ def test_per_expert_bits_end_to_end_with_the_proxy(tmp_path: Path, capsys, monke
     monkeypatch.setattr(workflow, "HELDOUT_SOURCES", ("bundled-test",))
     model_dir = save_tiny(tmp_path / "tiny", tiny_mixtral_model(seed=0))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "--model", model_dir, *FAST, "--bits", "auto:2.5", "--per-expert-bits",
-                                "--threads", "1", "--out", out)
+    code, stdout, err = run_cli(capsys, "--model", model_dir, *FAST, "--bits", "auto:2.5", "--threads", "1",
+                                "--out", out)
     assert code == 0, err[-2000:]
     report = json.loads((out / "report.json").read_text())
     allocation = report["bit_allocation"]
@@ -308,6 +308,7 @@ def test_per_expert_bits_end_to_end_with_the_proxy(tmp_path: Path, capsys, monke
         spec_bits = config["quantized_modules"][f"model.layers.{i}.mlp.experts"]["bits"]
         assert (spec_bits if isinstance(spec_bits, list) else [spec_bits] * len(row)) == row
     assert f"the same schedule for --bits / eacmoe.plan: {allocation['schedule']}" in stdout
+    assert (out / "bits_schedule.txt").read_text() == allocation["schedule"] + "\n"
     again = tmp_path / "again"
     code, _, err = run_cli(capsys, "--model", model_dir, *FAST, "--bits", allocation["schedule"], "--threads", "1",
                            "--out", again)
@@ -320,6 +321,8 @@ def test_per_expert_bits_needs_auto_bits(tmp_path: Path, capsys) -> None:
 
     code, _, err = run_cli(capsys, "--bits", "2", "--per-expert-bits", "--out", tmp_path / "x")
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: --per-expert-bits is only used with")
+    code, _, err = run_cli(capsys, "--bits", "2.5", "--no-per-expert-bits", "--out", tmp_path / "x")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --no-per-expert-bits is only used with")
     code, _, err = run_cli(capsys, "--bits", "2/2/2,2,2,2,2,2,2,2", "--out", tmp_path / "y")
     assert code == 2 and "layer 0 has 8 routed experts but its entry gives 3 widths" in err
 
@@ -390,3 +393,78 @@ def test_gptqmodel_loads_a_per_expert_schedule_with_the_logits_of_our_runtime(tm
         ours = packed(ids).logits
     error = (theirs["logits"] - ours).abs().max() / ours.std()
     assert error < RELATIVE_TOLERANCE, f"GPTQModel vs eacmoe runtime: max |diff| / std = {error:.2e}"
+
+
+def test_a_long_schedule_is_summarised_per_layer_and_read_back_from_its_file() -> None:
+    """A per-module schedule too long for one line (a real model's 128 experts per layer) is shown as each layer's
+    mean routed width (shared width kept); the command to reuse it reads bits_schedule.txt in the output directory."""
+    from eacmoe.report import SCHEDULE_INLINE_CHARS, _allocation_line
+
+    layers = ["4:" + "/".join(["3"] * 32 + ["2"] * 32), "/".join(["2"] * 63 + ["4"])]
+    schedule = ",".join(layers)
+    assert len(schedule) > SCHEDULE_INLINE_CHARS
+    allocation = {"spec": "auto:2.5", "bits": [4, 2], "expert_bits": [[3] * 32 + [2] * 32, [2] * 63 + [4]],
+                  "schedule": schedule, "achieved_average": 2.5, "source": "proxy"}
+    line = _allocation_line(allocation, "out/m")
+    assert "expert bits per module 4:2.50,2.03 (per layer" in line   # (32 x 3 + 32 x 2) / 64, (63 x 2 + 4) / 64
+    assert line.endswith('the same schedule for --bits / eacmoe.plan: "$(cat out/m/bits_schedule.txt)"')
+    assert schedule not in line
+    short = {**allocation, "schedule": "3/2,2", "expert_bits": [[3, 2], None]}
+    assert _allocation_line(short, "out/m").endswith("the same schedule for --bits / eacmoe.plan: 3/2,2")
+    spaced = _allocation_line(allocation, "my runs/m")  # a shell word of its own inside the quotes
+    assert spaced.endswith('"$(cat ' + "'my runs/m/bits_schedule.txt'" + ')"')
+    per_layer = {**allocation, "schedule": ",".join(["3"] * 40 + ["2"] * 40), "expert_bits": None}
+    line = _allocation_line(per_layer, "out/m")
+    assert "expert bits per layer 3,3," in line and "mean width" not in line
+
+
+def test_the_default_falls_back_to_per_layer_where_the_file_cannot_be_split(tmp_path: Path) -> None:
+    """`auto:B` by default (per_expert=None): per routed expert from a file with per-expert cells; from a file
+    without them, where the proxy cannot run (no calibration tokens: a lazily loaded model, RTN), per layer from the
+    file's layer scores, not the selection-frequency split that an explicit --per-expert-bits (True) gets."""
+    from eacmoe.bit_allocation import auto_expert_bits
+    from eacmoe.lazy_loading import build_skeleton
+    from eacmoe.workflow import load_config
+
+    committed = Path(__file__).resolve().parent.parent / "docs/eval/tiny-mixtral/sensitivity/sensitivity.json"
+    doc = json.loads(committed.read_text())
+    for layer in doc["layers"]:
+        layer.pop("experts", None)
+    without_cells = tmp_path / "sensitivity.json"
+    without_cells.write_text(json.dumps(doc))
+    skeleton = build_skeleton(load_config("tiny-mixtral"), torch.float32)
+
+    with_cells = auto_expert_bits("auto:2.5", skeleton, sensitivity=committed, per_expert=None)
+    assert with_cells.expert_bits == auto_expert_bits("auto:2.5", skeleton, sensitivity=committed,
+                                                      per_expert=True).expert_bits
+    assert with_cells.expert_bits is not None
+    fallback = auto_expert_bits("auto:2.5", skeleton, sensitivity=without_cells, per_expert=None)
+    per_layer = auto_expert_bits("auto:2.5", skeleton, sensitivity=without_cells, per_expert=False)
+    assert fallback.expert_bits is None and fallback.bits == per_layer.bits == [3, 2, 2, 2, 2, 3, 3, 3]
+    split = auto_expert_bits("auto:2.5", skeleton, sensitivity=without_cells, per_expert=True)
+    assert split.expert_bits is not None and "frequency" in split.source
+
+
+def test_auto_bits_with_a_file_by_default_is_per_expert(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--bits auto:2.5 --sensitivity FILE` without --per-expert-bits on the bundled tiny-mixtral: the widths are the
+    file's per-expert allocation (checked before loading the model), and the default output directory says so."""
+    from eacmoe import workflow
+    from eacmoe.bit_allocation import auto_expert_bits
+    from eacmoe.job_checks import default_out
+    from eacmoe.lazy_loading import build_skeleton
+    from test_cli import FAST, quantize as run_cli
+
+    monkeypatch.setattr(workflow, "HELDOUT_SOURCES", ("bundled-test",))
+    committed = Path(__file__).resolve().parent.parent / "docs/eval/tiny-mixtral/sensitivity/sensitivity.json"
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--model", "tiny-mixtral", *FAST, "--bits", "auto:2.5", "--sensitivity", committed,
+                           "--threads", "1", "--out", out)
+    assert code == 0, err[-2000:]
+    allocation = json.loads((out / "report.json").read_text())["bit_allocation"]
+    expected = auto_expert_bits("auto:2.5", build_skeleton(workflow.load_config("tiny-mixtral"), torch.float32),
+                                sensitivity=committed, per_expert=True)
+    assert allocation["expert_bits"] == expected.expert_bits and allocation["source"] == expected.source
+    job = workflow.QuantizeJob(model="tiny-mixtral", bits="auto:2.5")
+    assert default_out(job).name.endswith("-wauto2.5e")
+    assert default_out(workflow.QuantizeJob(model="tiny-mixtral", bits="auto:2.5", per_expert_bits=False)).name.endswith(
+        "-wauto2.5")

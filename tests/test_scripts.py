@@ -312,6 +312,8 @@ def test_qesc_method_labels_and_their_paired_twins(tmp_path):
     assert experiments.method_config("qesc+weighted+fp-target:0.5@rtn") == {
         "method": "qesc", "expert_hessian": "weighted", "gptq_target": "fp:0.5", "sparse_expert_policy": "rtn"}
     assert experiments.label_base("qesc+weighted@rtn") == "qesc+weighted"
+    assert experiments.method_config("gptq+mse-grid+act-order")["act_order"] is True
+    assert "act_order" not in experiments.method_config("gptq+mse-grid")
     with pytest.raises(SystemExit, match="unknown option"):
         experiments.method_config("qesc+gptaq")
 
@@ -366,3 +368,52 @@ def test_qesc_explicit_schedules_are_short_in_the_tables(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| 4:2x32 (all 8 layers) |" in text and every_layer not in text
     assert text.index("| 2 |") < text.index("| 4:2x32 (all 8 layers) |")
+
+
+def test_qesc_proxy_labels_allocate_on_the_seeds_tokens_and_pair_with_their_twins(tmp_path):
+    """`auto:B+experts+proxy` allocates per routed expert from the in-run proxy on the calibration tokens it is
+    given (the CLI without --sensitivity; no file needed), `auto:B+proxy` per layer; the tables pair a proxy row
+    with its per-layer twin, with the file's row and with GPTQ at the paper's B."""
+    import argparse
+
+    from eacmoe.bit_allocation import auto_expert_bits
+    from test_pipeline import calib_ids
+    from tiny_models import build
+
+    experiments = _load_script("qesc_experiments")
+    parse = experiments.AutoBits.parse
+    assert parse("auto:2.5+proxy+experts") == experiments.AutoBits("2.5", per_expert=True, proxy=True)
+    assert parse("auto:2.5+experts+proxy").label == "auto:2.5+experts+proxy" and parse("2.5") is None
+    with pytest.raises(ValueError, match="suffixes"):
+        parse("auto:2.5+expert")
+    assert experiments._bits_rank("auto:2.5+proxy") < experiments._bits_rank("3")
+
+    model, _ = build("mixtral")
+    args = argparse.Namespace(group_size=8, sensitivity=[])  # no file for this model
+    for seed in (0, 1):
+        ids = calib_ids(4, 16, seed=seed)
+        per_expert = experiments.schedule_for("auto:2.5+experts+proxy", model, "m", args, ids)
+        expected = auto_expert_bits("auto:2.5", model, calib_ids=ids, group_size=8, per_expert=True)
+        assert per_expert == {"expert_bits": expected.bits, "routed_expert_bits": expected.expert_bits}
+        assert per_expert["routed_expert_bits"] is not None
+        per_layer = experiments.schedule_for("auto:2.5+proxy", model, "m", args, ids)
+        assert per_layer["routed_expert_bits"] is None
+        assert per_layer["expert_bits"] == auto_expert_bits("auto:2.5", model, calib_ids=ids, group_size=8).bits
+    with pytest.raises(SystemExit, match="needs --sensitivity m=FILE"):
+        experiments.schedule_for("auto:2.5+experts", model, "m", args, ids)
+
+    def row(bits, method, ppl):
+        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": ppl / 1e3},
+                 "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}
+        key = {"model": "m", "method": "fp"} if method == "fp" else {
+            "model": "m", "setting": "attn4", "bits": bits, "method": method, "seed": 0}
+        return {"key": key, "bundled-test": entry}
+
+    rows = [row(None, "fp", 40.0), row("2.5", "gptq", 50.0), row("auto:2.5+experts", "gptq", 45.0),
+            row("auto:2.5+proxy", "gptq", 47.0), row("auto:2.5+experts+proxy", "gptq", 46.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    gap = (tmp_path / "GAP.md").read_text()
+    assert "| m | attn4 | auto:2.5+experts+proxy | gptq (vs GPTQ at 2.5) | 1 | 46.00 | 40.0 |" in gap
+    assert "gptq: auto:2.5+experts+proxy − auto:2.5+proxy (per layer) | 1 | -1.000" in gap
+    assert "gptq: auto:2.5+experts+proxy − auto:2.5+experts (the file) | 1 | 1.000" in gap

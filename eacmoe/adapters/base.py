@@ -274,8 +274,8 @@ class MoEAdapter(ABC):
         """Exactly the experts and combine weights the model's eval-mode forward picks for ``hidden``.
 
         ``router_weight`` replaces the block's router weight for this call (the module is not touched), which
-        is how a re-calibrated router is evaluated. Gradients flow from ``logits`` (and, where the family's
-        rule is differentiable, ``weights``) to ``router_weight``.
+        is how a re-calibrated router is evaluated. Callers run it without autograd (router calibration computes
+        its gradient in closed form, eacmoe/router_calibration.py).
         """
 
     def num_experts(self, block: nn.Module) -> int:
