@@ -333,23 +333,29 @@ def test_qesc_method_labels_and_their_paired_twins(tmp_path):
     assert "2: qesc+weighted − qesc | 2 | -1.000 ± 0.000 |" in gap
 
 
+def _gap_row(method: str, bits: str | None, ppl: float) -> dict:
+    """A qesc_experiments results row of model "m" (attn4, seed 0) whose test perplexity is `ppl` (KL ppl / 1e3)."""
+    entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": ppl / 1e3},
+             "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}
+    key = {"model": "m", "method": "fp"} if method == "fp" else {
+        "model": "m", "setting": "attn4", "bits": bits, "method": method, "seed": 0}
+    return {"key": key, "bundled-test": entry}
+
+
+def _gap_table(experiments, tmp_path, rows: list[dict]) -> str:
+    """GAP.md as qesc_experiments writes it from `rows`."""
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
+    return (tmp_path / "GAP.md").read_text()
+
+
 def test_qesc_gap_table_compares_an_allocation_with_gptq_at_the_paper_schedule_too(tmp_path):
     """`auto:B` rows get their share of the gap against GPTQ at auto:B and against GPTQ at the paper's B (the
     plain baseline at the same average bits)."""
     experiments = _load_script("qesc_experiments")
-
-    def row(method, bits, ppl):
-        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": ppl / 1e3},
-                 "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}
-        key = {"model": "m", "method": "fp"} if method == "fp" else {
-            "model": "m", "setting": "attn4", "bits": bits, "method": method, "seed": 0}
-        return {"key": key, "bundled-test": entry}
-
-    rows = [row("fp", None, 40.0), row("gptq", "2.5", 50.0), row("gptq", "auto:2.5", 46.0),
-            row("qesc+mse-grid", "auto:2.5", 44.0)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
-    gap = (tmp_path / "GAP.md").read_text()
+    gap = _gap_table(experiments, tmp_path, [_gap_row("fp", None, 40.0), _gap_row("gptq", "2.5", 50.0),
+                                             _gap_row("gptq", "auto:2.5", 46.0),
+                                             _gap_row("qesc+mse-grid", "auto:2.5", 44.0)])
     assert "| m | attn4 | auto:2.5 | qesc+mse-grid | 1 | 44.00 | 33.3 |" in gap          # (46 - 44) / (46 - 40)
     assert "| m | attn4 | auto:2.5 | gptq (vs GPTQ at 2.5) | 1 | 46.00 | 40.0 |" in gap   # (50 - 46) / (50 - 40)
     assert "| m | attn4 | auto:2.5 | qesc+mse-grid (vs GPTQ at 2.5) | 1 | 44.00 | 60.0 |" in gap
@@ -402,18 +408,9 @@ def test_qesc_proxy_labels_allocate_on_the_seeds_tokens_and_pair_with_their_twin
     with pytest.raises(SystemExit, match="needs --sensitivity m=FILE"):
         experiments.schedule_for("auto:2.5+experts", model, "m", args, ids)
 
-    def row(bits, method, ppl):
-        entry = {"ppl": {"q/q": ppl, "q/fp": ppl, "fp/q": ppl}, "kl": {"q/q": ppl / 1e3},
-                 "shift": {"any": 0.1, "half": 0.1, "all": 0.0}}
-        key = {"model": "m", "method": "fp"} if method == "fp" else {
-            "model": "m", "setting": "attn4", "bits": bits, "method": method, "seed": 0}
-        return {"key": key, "bundled-test": entry}
-
-    rows = [row(None, "fp", 40.0), row("2.5", "gptq", 50.0), row("auto:2.5+experts", "gptq", 45.0),
-            row("auto:2.5+proxy", "gptq", 47.0), row("auto:2.5+experts+proxy", "gptq", 46.0)]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    experiments.write_markdown(tmp_path / "results.jsonl", tmp_path / "RESULTS.md")
-    gap = (tmp_path / "GAP.md").read_text()
+    gap = _gap_table(experiments, tmp_path, [
+        _gap_row("fp", None, 40.0), _gap_row("gptq", "2.5", 50.0), _gap_row("gptq", "auto:2.5+experts", 45.0),
+        _gap_row("gptq", "auto:2.5+proxy", 47.0), _gap_row("gptq", "auto:2.5+experts+proxy", 46.0)])
     assert "| m | attn4 | auto:2.5+experts+proxy | gptq (vs GPTQ at 2.5) | 1 | 46.00 | 40.0 |" in gap
     assert "gptq: auto:2.5+experts+proxy − auto:2.5+proxy (per layer) | 1 | -1.000" in gap
     assert "gptq: auto:2.5+experts+proxy − auto:2.5+experts (the file) | 1 | 1.000" in gap
