@@ -284,7 +284,7 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
     without per-expert cells among its experts and sets its shared experts relative to its routed ones."""
     doc = _read_sensitivity_doc(path, len(modules), fingerprint)
     scores = _layer_scores(doc, path, with_shared=False)
-    result, measured, by_proxy, split, shared_cells = [], 0, 0, 0, 0
+    result, measured, by_proxy, split, shared_cells, shared_by_proxy = [], 0, 0, 0, 0, 0
     for i, (entry, layer, score) in enumerate(zip(doc["layers"], modules, scores)):
         n = len(layer.routed)
         cells = entry.get("experts") or []
@@ -295,6 +295,7 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
             shared_cells += 1
         elif n and guess is not None and layer.rest:  # the file's score covers the routed experts only
             rest = score * guess.rest / sum(guess.routed)
+            shared_by_proxy += 1
         if n and cells:
             if sorted(int(c["expert"]) for c in cells) != list(range(n)):
                 raise AllocationError(f"--sensitivity {path}: layer {i} has per-expert cells for "
@@ -322,8 +323,7 @@ def read_expert_sensitivities(path: Path, modules: Sequence[LayerModules], finge
         parts.append(f"layer score x selection frequency in {split}")
     if shared_cells:
         parts.append(f"shared-expert cells in {shared_cells}")
-    if proxy is not None and any(m.routed and m.rest and _shared_score(e) is None
-                                 for e, m in zip(doc["layers"], modules)):
+    if shared_by_proxy:
         parts.append("shared experts: layer score x their proxy / the routed experts' proxy")
     return result, f"{path} ({'; '.join(parts)})"
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .schedule import format_schedule_means
+
 # `--bits auto:B` writes its schedule here in the output directory: per module it is one width per routed expert, too
 # long for a terminal line on a real model (Qwen3-30B-A3B: 48 layers x 128 experts)
 SCHEDULE_FILE = "bits_schedule.txt"
 SCHEDULE_INLINE_CHARS = 120
-
-
-def _schedule_by_layer(schedule: str) -> str:
-    """'4:3/4/2,2' -> '4:3.00,2': each per-module entry as its routed experts' mean width (shared width kept)."""
-    def entry(text: str) -> str:
-        shared, colon, routed = text.rpartition(":")
-        widths = [int(w) for w in routed.split("/")]
-        return f"{shared}{colon}{sum(widths) / len(widths):.2f}" if len(widths) > 1 else text
-    return ",".join(entry(e) for e in schedule.split(","))
 
 
 def _allocation_line(allocation: dict, out: str | None) -> str:
@@ -24,7 +17,7 @@ def _allocation_line(allocation: dict, out: str | None) -> str:
     per = "module" if allocation.get("expert_bits") else "layer"
     shown = again = schedule
     if len(schedule) > SCHEDULE_INLINE_CHARS:
-        shown = _schedule_by_layer(schedule)
+        shown = format_schedule_means(allocation["bits"], allocation.get("expert_bits"))
         if allocation.get("expert_bits"):
             shown += " (per layer: the routed experts' mean width, the shared experts' before a colon)"
         again = f'"$(cat {shlex.quote(str(Path(out or ".") / SCHEDULE_FILE))})"'

@@ -85,13 +85,25 @@ def parse_bits_schedule(spec: str, num_layers: int) -> tuple[list[int], list[lis
 
 def format_schedule(layer_bits: list[int], routed: list[list[int] | None] | None = None) -> str:
     """The text `parse_bits_schedule` reads back as (layer_bits, routed)."""
+    return _format_entries(layer_bits, routed, lambda experts: "/".join(map(str, experts)))
+
+
+def format_schedule_means(layer_bits: list[int], routed: list[list[int] | None] | None = None) -> str:
+    """`format_schedule` with each layer's routed widths as their mean ('4:3/4/2,2' -> '4:3.00,2'): a per-module
+    schedule short enough for one line."""
+    return _format_entries(layer_bits, routed, lambda experts: f"{sum(experts) / len(experts):.2f}")
+
+
+def _format_entries(layer_bits: list[int], routed: list[list[int] | None] | None, experts_text) -> str:
+    """One entry per layer: its width, or its routed experts' text, after the layer's width and a colon where that
+    is not their most common width (the shared experts' own)."""
     entries = []
     for i, b in enumerate(layer_bits):
         experts = routed[i] if routed is not None else None
         if experts is None:
             entries.append(str(b))
         else:
-            text = "/".join(map(str, experts))
+            text = experts_text(experts)
             entries.append(text if b == common_width(experts) else f"{b}:{text}")
     return ",".join(entries)
 

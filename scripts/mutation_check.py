@@ -412,7 +412,7 @@ SHARED_MUTANTS = [
 MUTANTS += SHARED_MUTANTS
 
 # ------------------------------------- per-expert auto:B by default, the schedule file, no autograd (session 11)
-JC, WF, RP = "eacmoe/job_checks.py", "eacmoe/workflow.py", "eacmoe/report.py"
+JC, WF = "eacmoe/job_checks.py", "eacmoe/workflow.py"
 DEFAULT_ALLOCATION_TESTS = ("tests/test_per_expert_bits.py", "-k",
                             "end_to_end_with_the_proxy or long_schedule or falls_back or with_a_file_by_default")
 NO_GRAD_TESTS = ("tests/test_bit_allocation.py", "-k", "autograd or no_grad_anywhere")
@@ -426,7 +426,7 @@ SESSION11_MUTANTS = [
            "a file with per-expert cells allocated per layer by default", DEFAULT_ALLOCATION_TESTS),
     Mutant("AD2", WF, "(partial / SCHEDULE_FILE).write_text(allocation.schedule", "(partial / \"s.txt\").write_text(allocation.schedule",
            "the schedule written to another file than the summary names", DEFAULT_ALLOCATION_TESTS),
-    Mutant("AD3", RP, "return f\"{shared}{colon}{sum(widths) / len(widths):.2f}\"", "return f\"{shared}{colon}{widths[0]:.2f}\"",
+    Mutant("AD3", "eacmoe/schedule.py", 'f"{sum(experts) / len(experts):.2f}"', 'f"{experts[0]:.2f}"',
            "a long schedule summarised by its first expert's width", DEFAULT_ALLOCATION_TESTS),
     Mutant("NG1", BA, "@torch.no_grad()  # the stream would otherwise", "# the stream would otherwise",
            "the per-layer proxy runs under autograd", NO_GRAD_TESTS),

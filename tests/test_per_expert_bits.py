@@ -413,7 +413,8 @@ def test_a_long_schedule_is_summarised_per_layer_and_read_back_from_its_file() -
     assert _allocation_line(short, "out/m").endswith("the same schedule for --bits / eacmoe.plan: 3/2,2")
     spaced = _allocation_line(allocation, "my runs/m")  # a shell word of its own inside the quotes
     assert spaced.endswith('"$(cat ' + "'my runs/m/bits_schedule.txt'" + ')"')
-    per_layer = {**allocation, "schedule": ",".join(["3"] * 40 + ["2"] * 40), "expert_bits": None}
+    per_layer = {**allocation, "bits": [3] * 40 + [2] * 40, "schedule": ",".join(["3"] * 40 + ["2"] * 40),
+                 "expert_bits": None}
     line = _allocation_line(per_layer, "out/m")
     assert "expert bits per layer 3,3," in line and "mean width" not in line
 
